@@ -1,0 +1,40 @@
+# Two commands on a fresh Debian/Ubuntu machine: `make run` (the main job) and `make test`.
+# Both set everything up first: a virtualenv with the project, and the Fashion-MNIST files.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FMNIST_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
+ARGS ?=
+
+.PHONY: setup data run test lint bench-reference
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $@
+
+# The data comes from Debian's dataset-fashion-mnist package; FMNIST_DATA_DIR overrides.
+data:
+	@if [ -n "$$FMNIST_DATA_DIR" ] || [ -f $(FMNIST_SYSTEM_DIR)/train-images-idx3-ubyte.gz ]; then \
+		true; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "no apt-get here: put the four Fashion-MNIST IDX files in a folder and set FMNIST_DATA_DIR"; \
+	fi
+
+run: setup
+	$(PY) -m fmnist.train --model cnn --epochs 5 $(ARGS)
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench-reference: setup
+	$(PY) bench/train_reference.py

@@ -1,0 +1,57 @@
+"""Train the reference CNN on the real 48k/12k split for 5 epochs; print accuracy and images/s.
+
+    python bench/train_reference.py [--epochs 5]
+
+Prints one line per epoch and a one-line JSON summary, appended to bench/results/reference.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fmnist.data import load_splits  # noqa: E402
+from fmnist.train import TrainConfig, train  # noqa: E402
+
+# The reference CNN: two conv blocks (32, 64 filters), dense 64, dropout 0.25, Adam 1e-3.
+REFERENCE = dict(model="cnn", blocks=2, base_filters=32, dense_units=64, dropout=0.25,
+                 optimizer="adam", learning_rate=1e-3, batch_size=128)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--data-dir")
+    args = parser.parse_args()
+    data = load_splits(args.data_dir)
+    cfg = TrainConfig(epochs=args.epochs, **REFERENCE)
+    epochs = []
+    start = time.perf_counter()
+    run = train(cfg, data, on_epoch_end=lambda m: (epochs.append(m), print(
+        f"epoch {m['epoch']}  val_accuracy {m['val_accuracy']:.4f}  "
+        f"{m['train_samples_per_s']:.0f} img/s  {m['epoch_time_s']:.1f} s", flush=True)))
+    wall = time.perf_counter() - start
+    summary = {
+        "bench": "train_reference", "config": REFERENCE, "epochs": args.epochs,
+        "train": len(data.y_train), "val": len(data.y_val),
+        "params": run.model.count_params(),
+        "final_val_accuracy": round(epochs[-1]["val_accuracy"], 4),
+        "best_val_accuracy": round(max(m["val_accuracy"] for m in epochs), 4),
+        "train_images_per_s": round(sum(m["train_samples_per_s"] for m in epochs) / len(epochs)),
+        "wall_s": round(wall, 1), "machine": platform.machine(), "time": time.time(),
+    }
+    print(json.dumps(summary))
+    out = Path(__file__).parent / "results" / "reference.jsonl"
+    out.parent.mkdir(exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(summary) + "\n")
+
+
+if __name__ == "__main__":
+    main()

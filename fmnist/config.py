@@ -1,0 +1,142 @@
+"""`TrainConfig`: every hyperparameter of one training run, with its default and why.
+
+Imports neither Keras nor TensorFlow, so configs and search spaces are checked in milliseconds,
+before anything heavy starts. `fmnist.train` re-exports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+METRIC = "val_accuracy"  # what the search optimizes (Keras's own metric name)
+MODE = "max"
+FAMILIES = ("mlp", "cnn", "vgg", "resnet")  # fmnist.models.MODELS has one builder for each
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "step")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not valid."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter of one training run, with its default."""
+
+    # --- model family and architecture (fmnist.models) ---
+    model: str = "cnn"  # one of MODELS: mlp, cnn, vgg, resnet
+    hidden_layers: int = 2  # mlp: the notebooks' baselines used 1-3 hidden layers
+    units: int = 256  # mlp: width of each hidden layer
+    blocks: int = 2  # cnn/vgg: conv blocks, each followed by 2x2 pooling (at most 4 on 28x28)
+    convs_per_block: int | tuple[int, ...] = 2  # vgg: one number, or one per block (2,2,3,3)
+    base_filters: int = 32  # cnn/vgg/resnet: filters of the first block, doubled per block
+    max_filters: int = 256  # cap on the doubling, as in the notebooks' VGG (32..256)
+    kernel_size: int = 3  # cnn: 3 or 5
+    stages: int = 4  # resnet: 4 stages x 1 block = the notebook's ResNet-10
+    blocks_per_stage: int = 1  # resnet: basic residual blocks per stage
+    batch_norm: bool = False  # BN allows higher lrs but doubles a CPU epoch; spaces search it
+    dropout: float = 0.25  # before the classifier (cnn blocks get half of it)
+    dense_units: int = 64  # cnn/vgg: hidden dense layer before the classifier (0 = none)
+    augment_flip: bool = False  # random horizontal flip: clothes are left-right symmetric
+    augment_translate: float = 0.0  # random shift as a fraction of the size (0.1 = ~3 px)
+    # --- optimization ---
+    optimizer: str = "adam"  # adam at 1e-3 is the least sensitive default; sgd for long runs
+    learning_rate: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 5e-4  # L2 on kernels (decoupled in the optimizer for adamw)
+    lr_schedule: str = "constant"  # constant, cosine (over `epochs`) or step
+    warmup_epochs: float = 0.0  # linear warmup from ~0, helps large batches and high sgd lrs
+    step_every: int = 10  # step schedule: epochs between decays
+    step_gamma: float = 0.1  # step schedule: decay factor
+    label_smoothing: float = 0.0  # 0.1 often helps a little on Fashion-MNIST's shirt classes
+    batch_size: int = 128  # small enough to generalize, large enough to keep a CPU busy
+    epochs: int = 10  # the search's max_t; cosine decays over exactly this many
+    # --- runtime ---
+    seed: int = 0  # weights, dropout, augmentation and batch order
+    eval_batch_size: int = 1024  # validation has no gradients: larger batches are faster
+    jit_compile: bool = False  # XLA; measured on this CPU it did not pay off (see bench/)
+    intra_op_threads: int = 0  # threads inside one op; 0 = TensorFlow's default (all cores)
+    inter_op_threads: int = 0  # ops in parallel; 0 = default. Set both when trials share cores
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(TrainConfig)
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            (self.model in FAMILIES, f"model must be one of {', '.join(FAMILIES)}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (0 <= self.augment_translate < 0.5, "augment_translate must be in [0, 0.5)"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (self.step_every >= 1, "step_every must be >= 1"),
+            (0 < self.step_gamma <= 1, "step_gamma must be in (0, 1]"),
+            (self.base_filters >= 1 and self.max_filters >= 1, "filters must be >= 1"),
+            (self.units >= 1, "units must be >= 1"),
+            (self.dense_units >= 0, "dense_units must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Like `TrainConfig(**values)` but with one clear message for unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            valid = ", ".join(sorted(known))
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {valid}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Accept what searchers hand over (numpy scalars, 3.0 for 3, lists for tuples)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    options = typing.get_args(hint) or (hint,)
+    if isinstance(value, list | tuple) and any(typing.get_origin(o) is tuple for o in options):
+        return tuple(_coerce(name, v, int) for v in value)
+    if bool in options:
+        if isinstance(value, bool):
+            return value
+        if value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if int in options:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if float in options:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if str in options and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value

@@ -1,0 +1,281 @@
+"""One readable training loop: `train(cfg, data, on_epoch_end=callback)`.
+
+Knows nothing of Ray. Every hyperparameter lives in `TrainConfig` with its default and why.
+Run one config on the real data: `python -m fmnist.train --model cnn --epochs 5`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+from fmnist.config import METRIC, MODE, ConfigError, TrainConfig  # noqa: E402,F401
+from fmnist.models import build_model  # noqa: E402
+
+
+@keras.saving.register_keras_serializable(package="fmnist")
+class LRSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Constant, cosine or step decay, with optional linear warmup, in optimizer steps."""
+
+    def __init__(self, base_lr: float, kind: str, total_steps: int, warmup_steps: int = 0,
+                 step_every: int = 1, gamma: float = 0.1):
+        self.base_lr = float(base_lr)
+        self.kind = kind
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.step_every = int(step_every)
+        self.gamma = float(gamma)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        base = ops.cast(self.base_lr, "float32")
+        if self.kind == "cosine":
+            span = max(self.total_steps - self.warmup_steps, 1)
+            progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
+            lr = base * 0.5 * (1.0 + ops.cos(math.pi * progress))
+        elif self.kind == "step":
+            lr = base * ops.power(self.gamma, ops.floor(step / self.step_every))
+        else:
+            lr = base
+        if self.warmup_steps > 0:
+            lr = ops.where(step < self.warmup_steps, base * (step + 1.0) / self.warmup_steps, lr)
+        return lr
+
+    def get_config(self) -> dict[str, Any]:
+        return {"base_lr": self.base_lr, "kind": self.kind, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "step_every": self.step_every,
+                "gamma": self.gamma}
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    schedule = LRSchedule(
+        cfg.learning_rate,
+        cfg.lr_schedule,
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        step_every=cfg.step_every * steps_per_epoch,
+        gamma=cfg.step_gamma,
+    )
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
+    return keras.optimizers.Adam(schedule)
+
+
+def configure_threads(intra_op: int, inter_op: int) -> bool:
+    """Set TensorFlow's thread pools; True if applied.
+
+    Trials that share a machine must not each start a pool as wide as the machine. This only
+    works before TensorFlow runs its first op, so a process that already trained keeps its pools.
+    Other backends take their threads from the environment (e.g. XLA_FLAGS for JAX).
+    """
+    if keras.backend.backend() != "tensorflow" or (intra_op <= 0 and inter_op <= 0):
+        return False
+    import tensorflow as tf  # thread pools have no Keras API
+
+    try:
+        if intra_op > 0:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        if inter_op > 0:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:
+        return (tf.config.threading.get_intra_op_parallelism_threads() == intra_op or intra_op <= 0)
+    return True
+
+
+DATA_KEYS = ("x_train", "y_train", "x_val", "y_val")
+
+
+def _arrays(data: Any) -> dict[str, np.ndarray]:
+    """Accept `fmnist.data.Splits` or a mapping with exactly the train and validation arrays."""
+    if hasattr(data, "arrays"):
+        data = data.arrays()
+    keys = set(data)
+    if keys != set(DATA_KEYS):
+        raise ValueError(
+            f"training data must have exactly {', '.join(DATA_KEYS)}; got {', '.join(sorted(keys))}"
+        )
+    return {k: data[k] for k in DATA_KEYS}
+
+
+class TrainingRun:
+    """A model, its optimizer and its data, trained one epoch at a time; saves and restores."""
+
+    def __init__(self, cfg: TrainConfig, data: Any):
+        self.cfg = cfg
+        arrays = _arrays(data)
+        self.x_train, self.y_train = arrays["x_train"], arrays["y_train"]
+        self.x_val, self.y_val = arrays["x_val"], arrays["y_val"]
+        if cfg.label_smoothing > 0:  # smoothing needs one-hot targets
+            self.y_train = keras.utils.to_categorical(self.y_train, 10).astype("float32")
+            self.y_val = keras.utils.to_categorical(self.y_val, 10).astype("float32")
+        self.steps_per_epoch = math.ceil(len(self.x_train) / cfg.batch_size)
+        self.epoch = 0  # epochs completed
+        self.attempt = 0  # how many times this run was restored from a checkpoint
+        keras.utils.set_random_seed(cfg.seed)
+        self.model = build_model(cfg)
+        self.model.compile(
+            optimizer=make_optimizer(cfg, self.steps_per_epoch),
+            loss=self._loss(),
+            metrics=["accuracy"],
+            jit_compile=cfg.jit_compile,
+        )
+
+    def _loss(self) -> keras.losses.Loss:
+        if self.cfg.label_smoothing > 0:
+            return keras.losses.CategoricalCrossentropy(label_smoothing=self.cfg.label_smoothing)
+        return keras.losses.SparseCategoricalCrossentropy()
+
+    def fit_epoch(self) -> dict[str, float]:
+        """Train one epoch and validate; return the epoch's metrics (epoch counted from 1)."""
+        cfg = self.cfg
+        # Batch order depends only on (seed, epoch), so a restored run sees the same batches.
+        order = np.random.default_rng([cfg.seed, self.epoch]).permutation(len(self.x_train))
+        t0 = time.perf_counter()
+        history = self.model.fit(
+            self.x_train[order], self.y_train[order], batch_size=cfg.batch_size, epochs=1,
+            shuffle=False, verbose=0,
+        )
+        t1 = time.perf_counter()
+        val = self.model.evaluate(
+            self.x_val, self.y_val, batch_size=cfg.eval_batch_size, verbose=0, return_dict=True
+        )
+        t2 = time.perf_counter()
+        self.epoch += 1
+        return {
+            "epoch": self.epoch,
+            "loss": float(history.history["loss"][-1]),
+            "accuracy": float(history.history["accuracy"][-1]),
+            "val_loss": float(val["loss"]),
+            "val_accuracy": float(val["accuracy"]),
+            "lr": self.current_lr(),
+            "epoch_time_s": t2 - t0,
+            "train_time_s": t1 - t0,
+            "train_samples_per_s": len(self.x_train) / (t1 - t0),
+        }
+
+    def current_lr(self) -> float:
+        opt = self.model.optimizer
+        return float(ops.convert_to_numpy(opt.learning_rate))
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write model + optimizer state (`model.keras`) and the epoch (`state.json`)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save(directory / "model.keras")
+        state = {"epoch": self.epoch, "attempt": self.attempt, "config": self.cfg.to_dict()}
+        (directory / "state.json").write_text(json.dumps(state))
+        return directory
+
+    def restore(self, directory: str | os.PathLike) -> None:
+        """Continue from a checkpoint written by `save` (loaded with safe_mode=True)."""
+        directory = Path(directory)
+        state = json.loads((directory / "state.json").read_text())
+        self.model = keras.saving.load_model(directory / "model.keras", safe_mode=True)
+        self.epoch = int(state["epoch"])
+        self.attempt = int(state.get("attempt", 0)) + 1
+
+
+EpochCallback = Callable[[dict[str, float]], Any]
+
+
+def train(
+    cfg: TrainConfig,
+    data: Any,
+    on_epoch_end: EpochCallback | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
+) -> TrainingRun:
+    """Train `cfg` on `data` (train + validation arrays) for `cfg.epochs` epochs.
+
+    `on_epoch_end(metrics)` is called after every epoch; returning False stops training.
+    With `checkpoint_dir`, a checkpoint is written after every epoch (before the callback).
+    With `resume_from`, training continues from that checkpoint's epoch.
+    """
+    configure_threads(cfg.intra_op_threads, cfg.inter_op_threads)
+    run = TrainingRun(cfg, data)
+    if resume_from is not None:
+        run.restore(resume_from)
+    while run.epoch < cfg.epochs:
+        metrics = run.fit_epoch()
+        if checkpoint_dir is not None:
+            run.save(checkpoint_dir)
+        if on_epoch_end is not None and on_epoch_end(metrics) is False:
+            break
+    return run
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a command-line value the way YAML would (numbers, booleans, lists)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig field, defaults from the dataclass."""
+    group = parser.add_argument_group("training config (TrainConfig fields)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        group.add_argument(flag, dest=f.name, type=_parse_value, default=None,
+                           help=f"default: {f.default}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fmnist.data import DataError, load_splits
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fmnist.train", description="Train one config on Fashion-MNIST."
+    )
+    parser.add_argument("--data-dir", help="folder with the four IDX files")
+    parser.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or mnist")
+    parser.add_argument("--train-size", type=int, help="class-balanced subset of the train split")
+    parser.add_argument("--val-size", type=int, default=12_000, help="validation images")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the split")
+    parser.add_argument("--save", help="folder to write the final checkpoint to")
+    parser.add_argument("--resume", help="checkpoint folder to continue from")
+    config_arguments(parser)
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+              if getattr(args, f.name) is not None}
+    try:
+        cfg = TrainConfig.from_dict(values)
+        data = load_splits(args.data_dir, args.dataset, val_size=args.val_size,
+                           train_size=args.train_size, seed=args.split_seed)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{cfg.model}: train {len(data.y_train)}, val {len(data.y_val)}, "
+          f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.learning_rate}")
+
+    def show(m: dict[str, float]) -> None:
+        print(f"epoch {m['epoch']:3d}  loss {m['loss']:.4f}  acc {m['accuracy']:.4f}  "
+              f"val_loss {m['val_loss']:.4f}  val_acc {m['val_accuracy']:.4f}  "
+              f"lr {m['lr']:.2e}  {m['epoch_time_s']:.1f}s  "
+              f"{m['train_samples_per_s']:.0f} img/s", flush=True)
+
+    run = train(cfg, data, on_epoch_end=show, checkpoint_dir=args.save, resume_from=args.resume)
+    print(f"params {run.model.count_params():,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmnist import data
+from fmnist.data import DataError, load_split, load_splits, read_idx, write_idx
+from tests.conftest import write_dataset
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.parametrize("name", ["a.idx", "a.idx.gz"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32])
+def test_idx_round_trip(tmp_path, name, dtype):
+    array = (np.arange(2 * 3 * 4) * 7 % 251).astype(dtype).reshape(2, 3, 4)
+    write_idx(tmp_path / name, array)
+    back = read_idx(tmp_path / name)
+    assert back.dtype == np.dtype(dtype) and back.shape == (2, 3, 4)
+    np.testing.assert_array_equal(back, array)
+    if name.endswith(".gz"):
+        assert (tmp_path / name).read_bytes()[:2] == b"\x1f\x8b"
+
+
+def _corrupt(folder: Path, stem: str, mutate) -> Path:
+    path = folder / f"{stem}.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(mutate(raw)))
+    return path
+
+
+def test_wrong_magic_names_file(tmp_path):
+    folder = write_dataset(tmp_path / "d", 50, 20)
+    path = _corrupt(folder, "train-images-idx3-ubyte", lambda b: b"\x12\x34" + b[2:])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: wrong magic number"):
+        load_split("train", folder)
+    assert str(path) in str(pytest.raises(DataError, load_split, "train", folder).value)
+
+
+def test_truncated_file(tmp_path):
+    folder = write_dataset(tmp_path / "d", 50, 20)
+    _corrupt(folder, "train-images-idx3-ubyte", lambda b: b[:-100])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: truncated"):
+        load_split("train", folder)
+
+
+def test_truncated_gzip(tmp_path):
+    folder = write_dataset(tmp_path / "d", 50, 20)
+    path = folder / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz: corrupt or truncated gzip"):
+        load_split("train", folder)
+
+
+def test_count_mismatch(tmp_path):
+    folder = write_dataset(tmp_path / "d", 50, 20)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(49, np.uint8))
+    with pytest.raises(DataError, match=r"count mismatch: 49 labels for 50 images"):
+        load_split("train", folder)
+
+
+def test_label_out_of_range(tmp_path):
+    folder = write_dataset(tmp_path / "d", 50, 20)
+    labels = np.zeros(20, np.uint8)
+    labels[7] = 12
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: label 12 out of range 0..9"):
+        load_split("test", folder)
+
+
+def test_raw_files_are_read_too(tmp_path):
+    folder = write_dataset(tmp_path / "d", 50, 20)
+    for path in folder.glob("*.gz"):
+        path.with_suffix("").write_bytes(gzip.decompress(path.read_bytes()))
+        path.unlink()
+    x, y, _ = load_split("train", folder)
+    assert x.shape == (50, 28, 28) and y.shape == (50,)
+
+
+def test_missing_explicit_dir_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_split("train", tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="lacks train-images-idx3-ubyte"):
+        load_split("train", tmp_path / "empty")
+
+
+def test_nothing_found_lists_every_place(monkeypatch, tmp_path):
+    # Point the system and cache folders at empty places, and make the last resort (a real
+    # Keras download) fail without the network: keras.datasets has no such dataset name.
+    monkeypatch.delenv("FMNIST_DATA_DIR", raising=False)
+    monkeypatch.setitem(data.SYSTEM_DIRS, "mnist", tmp_path / "sys")
+    monkeypatch.setitem(data.KERAS_CACHE_DIRS, "mnist", tmp_path / "cache")
+    real_download = data._keras_download
+    monkeypatch.setattr(data, "_keras_download", lambda ds, searched: real_download(
+        "no_such_dataset_" + ds, searched))
+    with pytest.raises(DataError) as info:
+        load_split("train", None, "mnist")
+    message = str(info.value)
+    assert str(tmp_path / "sys") in message and str(tmp_path / "cache") in message
+    assert "apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
+
+
+def test_env_var_is_a_source(monkeypatch, tiny_data_dir):
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(tiny_data_dir))
+    x, _, source = load_split("train")
+    assert len(x) == 600 and source.location == str(tiny_data_dir)
+
+
+def test_real_fashion_mnist():
+    assert FMNIST_DIR.is_dir(), "run the README set-up: apt-get install dataset-fashion-mnist"
+    x, y, src = load_split("train", FMNIST_DIR, verify=True)
+    xt, yt, src_t = data.load_test(FMNIST_DIR, verify=True)
+    assert x.shape == (60_000, 28, 28) and xt.shape == (10_000, 28, 28)
+    assert x.dtype == np.uint8 and y.dtype == np.uint8
+    assert np.bincount(y).tolist() == [6_000] * 10
+    assert np.bincount(yt).tolist() == [1_000] * 10
+    digests = {**src.sha256, **src_t.sha256}
+    for stem, prefix in data.KNOWN_SHA256_PREFIX["fashion_mnist"].items():
+        assert digests[stem].startswith(prefix), stem
+    assert abs(x.mean() - 72.94) < 0.01 and abs(x.std() - 90.02) < 0.01
+    splits = load_splits(FMNIST_DIR)
+    assert splits.sizes == {"train": 48_000, "val": 12_000}
+    assert np.bincount(splits.y_val).tolist() == [1_200] * 10
+    assert splits.class_names[0] == "T-shirt/top" and splits.class_names[9] == "Ankle boot"
+
+
+def test_fingerprint_mismatch_when_verifying(tmp_path):
+    folder = write_dataset(tmp_path / "d", 50, 20)
+    load_split("train", folder, "mnist", verify=True)  # no known digests for mnist: passes
+    with pytest.raises(DataError, match="fingerprint mismatch"):
+        load_split("train", folder, "fashion_mnist", verify=True)
+
+
+def test_split_is_stratified_and_deterministic(tiny_data_dir):
+    a = load_splits(tiny_data_dir, val_size=100, seed=3)
+    b = load_splits(tiny_data_dir, val_size=100, seed=3)
+    c = load_splits(tiny_data_dir, val_size=100, seed=4)
+    np.testing.assert_array_equal(a.x_val, b.x_val)
+    np.testing.assert_array_equal(a.y_train, b.y_train)
+    assert not np.array_equal(a.x_val, c.x_val)
+    assert np.bincount(a.y_val).tolist() == [10] * 10
+    assert np.bincount(a.y_train).tolist() == [50] * 10
+    # No image is in both splits (images are unique here by their noise).
+    train_rows = {row.tobytes() for row in a.x_train}
+    assert not any(row.tobytes() in train_rows for row in a.x_val)
+    assert a.source.fingerprint == c.source.fingerprint
+
+
+def test_subsets_are_balanced_and_keep_validation(tiny_data_dir):
+    full = load_splits(tiny_data_dir, val_size=100, seed=1)
+    sub = load_splits(tiny_data_dir, val_size=100, train_size=73, seed=1)
+    np.testing.assert_array_equal(full.x_val, sub.x_val)  # val independent of train_size
+    counts = np.bincount(sub.y_train, minlength=10)
+    assert counts.sum() == 73 and counts.max() - counts.min() <= 1
+    with pytest.raises(DataError, match="train_size must be between"):
+        load_splits(tiny_data_dir, val_size=100, train_size=10_000)

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+
+from fmnist.config import FAMILIES
+from fmnist.data import load_splits
+from fmnist.models import MODELS, build_model
+from fmnist.train import ConfigError, TrainConfig, TrainingRun
+
+CONFIGS = {
+    "mlp": [dict(hidden_layers=1, units=16), dict(hidden_layers=5, units=8, batch_norm=True,
+                                                 dropout=0.2)],
+    "cnn": [dict(blocks=1, base_filters=4, kernel_size=5, dense_units=0),
+            dict(blocks=4, base_filters=4, batch_norm=True, dense_units=8, augment_flip=True,
+                 augment_translate=0.1)],
+    "vgg": [dict(blocks=2, convs_per_block=1, base_filters=4, dense_units=8),
+            dict(blocks=4, convs_per_block=(2, 2, 3, 3), base_filters=2, max_filters=8,
+                 batch_norm=True, dense_units=8, dropout=0.3)],
+    "resnet": [dict(stages=1, blocks_per_stage=1, base_filters=4),
+               dict(stages=3, blocks_per_stage=2, base_filters=4, batch_norm=True)],
+}
+
+
+def test_every_family_has_configs():
+    assert set(CONFIGS) == set(MODELS)
+    assert tuple(MODELS) == FAMILIES  # the config's list of names matches the registry
+
+
+@pytest.mark.parametrize(
+    "family,overrides", [(f, o) for f, options in CONFIGS.items() for o in options]
+)
+def test_family_builds_and_trains_one_epoch(tiny_data_dir, family, overrides):
+    data = load_splits(tiny_data_dir, val_size=100, train_size=200)
+    cfg = TrainConfig(model=family, epochs=1, batch_size=32, **overrides)
+    run = TrainingRun(cfg, data)
+    assert run.model.output_shape == (None, 10)
+    m = run.fit_epoch()
+    assert m["epoch"] == 1 and np.isfinite(m["loss"]) and 0 <= m["val_accuracy"] <= 1
+    probs = run.model.predict(data.x_val[:5], verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_custom_vgg_of_notebook_000():
+    cfg = TrainConfig(model="vgg", blocks=4, convs_per_block=[2, 2, 3, 3], base_filters=32,
+                      max_filters=256, dense_units=256, dropout=0.3)
+    model = build_model(cfg)
+    convs = [layer for layer in model.layers if layer.__class__.__name__ == "Conv2D"]
+    assert [c.filters for c in convs] == [32, 32, 64, 64, 128, 128, 128, 256, 256, 256]
+    assert model.get_layer("dense").units == 256
+    assert model.get_layer("dense_dropout").rate == 0.3
+
+
+def test_resnet10_has_ten_weight_layers():
+    model = build_model(TrainConfig(model="resnet", stages=4, blocks_per_stage=1))
+    names = [layer.name for layer in model.layers]
+    convs = [n for n in names if n.endswith("_conv") and "proj" not in n]
+    dense = [n for n in names if n == "classes"]
+    assert len(convs) + len(dense) == 10
+
+
+def test_normalization_keeps_one_channel():
+    model = build_model(TrainConfig(model="cnn"))
+    assert model.get_layer("normalize").output.shape == (None, 28, 28, 1)
+    x = np.full((1, 28, 28), 72.94, dtype=np.float32).astype(np.uint8)
+    sub = model.get_layer("normalize")
+    out = np.asarray(sub(model.get_layer("add_channel")(x)))
+    assert abs(float(out.mean())) < 0.02  # the train mean maps to ~0
+
+
+def test_unknown_config_key_raises():
+    with pytest.raises(ConfigError, match="unknown config key.*filterz"):
+        TrainConfig.from_dict({"model": "cnn", "filterz": 3})
+    with pytest.raises(TypeError):
+        TrainConfig(filterz=3)  # the plain constructor fails loudly too
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [(dict(model="transformer"), "model must be one of"), (dict(epochs=0), "epochs"),
+     (dict(learning_rate=-1.0), "learning_rate"), (dict(blocks=2.5), "blocks must be an integer"),
+     (dict(optimizer="rmsprop"), "optimizer")],
+)
+def test_bad_config_values_raise(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**bad)
+
+
+def test_searcher_values_are_coerced():
+    cfg = TrainConfig(blocks=np.int64(3), learning_rate=np.float64(0.01), batch_size=64.0,
+                      batch_norm=1, convs_per_block=[2, 3, 3])
+    assert type(cfg.blocks) is int and type(cfg.batch_size) is int
+    assert type(cfg.learning_rate) is float and cfg.batch_norm is True
+    assert cfg.convs_per_block == (2, 3, 3)
+
+
+def test_bad_block_count_is_a_clear_error():
+    with pytest.raises(ValueError, match="blocks must be between 1 and 4"):
+        build_model(TrainConfig(model="vgg", blocks=5))
+    with pytest.raises(ValueError, match="convs_per_block has 3 entries but blocks=4"):
+        build_model(TrainConfig(model="vgg", blocks=4, convs_per_block=(1, 2, 3)))

@@ -1,0 +1,132 @@
+import math
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from fmnist.data import load_splits
+from fmnist.train import LRSchedule, TrainConfig, TrainingRun, train
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_data_dir):
+    return load_splits(tiny_data_dir, val_size=100, train_size=300)
+
+
+def _optimizer_state(model):
+    return [np.asarray(v) for v in model.optimizer.variables]
+
+
+def test_training_learns_and_reports_every_epoch(tiny):
+    seen = []
+    cfg = TrainConfig(model="cnn", epochs=3, batch_size=32, base_filters=8, dense_units=16)
+    run = train(cfg, tiny, on_epoch_end=seen.append)
+    assert [m["epoch"] for m in seen] == [1, 2, 3] and run.epoch == 3
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_time_s",
+                "train_samples_per_s"):
+        assert all(np.isfinite(m[key]) for m in seen), key
+    assert seen[-1]["val_accuracy"] > 0.5  # the synthetic classes are easy
+
+
+def test_callback_can_stop_training(tiny):
+    seen = []
+    run = train(TrainConfig(model="mlp", epochs=5, units=8), tiny,
+                on_epoch_end=lambda m: seen.append(m) or m["epoch"] < 2)
+    assert run.epoch == 2 and len(seen) == 2
+
+
+def test_checkpoint_restore_continues_identically(tiny, tmp_path):
+    cfg = TrainConfig(model="cnn", epochs=3, batch_size=64, base_filters=4, dense_units=8,
+                      dropout=0.0, optimizer="sgd", lr_schedule="cosine", learning_rate=0.05)
+    a = TrainingRun(cfg, tiny)
+    a.fit_epoch()
+    a.save(tmp_path / "ckpt")
+    b = TrainingRun(cfg, tiny)
+    b.restore(tmp_path / "ckpt")
+    assert b.epoch == 1 and b.attempt == 1
+    for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    sa, sb = _optimizer_state(a.model), _optimizer_state(b.model)
+    assert len(sa) == len(sb) and int(sb[0]) == a.steps_per_epoch  # iterations restored
+    for va, vb in zip(sa, sb, strict=True):
+        np.testing.assert_array_equal(va, vb)
+    assert math.isclose(a.current_lr(), b.current_lr(), rel_tol=1e-6)
+    ma, mb = a.fit_epoch(), b.fit_epoch()
+    assert ma["epoch"] == mb["epoch"] == 2
+    for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    assert math.isclose(ma["val_loss"], mb["val_loss"], rel_tol=1e-4)
+
+
+def test_train_resumes_from_checkpoint_dir(tiny, tmp_path):
+    cfg = TrainConfig(model="mlp", epochs=3, units=8)
+    first = []
+    train(cfg, tiny, on_epoch_end=lambda m: first.append(m) or m["epoch"] < 2,
+          checkpoint_dir=tmp_path / "c")
+    rest = []
+    train(cfg, tiny, on_epoch_end=rest.append, resume_from=tmp_path / "c")
+    assert [m["epoch"] for m in first + rest] == [1, 2, 3]
+
+
+def test_checkpoint_with_lambda_layer_is_refused(tmp_path):
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    model.save(tmp_path / "evil.keras")
+    with pytest.raises(ValueError, match="(?i)lambda|unsafe"):
+        keras.saving.load_model(tmp_path / "evil.keras", safe_mode=True)
+
+
+def test_lr_schedules():
+    cos = LRSchedule(0.1, "cosine", total_steps=100, warmup_steps=10)
+    assert math.isclose(float(cos(0)), 0.01, rel_tol=1e-5)  # warmup from base/warmup
+    assert math.isclose(float(cos(10)), 0.1, rel_tol=1e-5)
+    assert math.isclose(float(cos(55)), 0.05, rel_tol=1e-4)
+    assert float(cos(100)) < 1e-6
+    step = LRSchedule(0.1, "step", total_steps=100, step_every=30, gamma=0.1)
+    assert [round(float(step(s)), 6) for s in (0, 29, 30, 60)] == [0.1, 0.1, 0.01, 0.001]
+    assert float(LRSchedule(0.1, "constant", 100)(77)) == pytest.approx(0.1)
+
+
+def test_adamw_uses_decoupled_decay_not_l2():
+    run_cfg = TrainConfig(model="mlp", optimizer="adamw", weight_decay=0.01)
+    model = TrainingRun(run_cfg, {"x_train": np.zeros((4, 28, 28), np.uint8),
+                                  "y_train": np.zeros(4, np.uint8),
+                                  "x_val": np.zeros((2, 28, 28), np.uint8),
+                                  "y_val": np.zeros(2, np.uint8)}).model
+    assert model.optimizer.weight_decay == pytest.approx(0.01)
+    assert all(getattr(layer, "kernel_regularizer", None) is None for layer in model.layers)
+
+
+def test_test_split_is_refused_by_training():
+    arrays = {k: np.zeros((2, 28, 28) if k.startswith("x") else 2, np.uint8)
+              for k in ("x_train", "y_train", "x_val", "y_val", "x_test")}
+    with pytest.raises(ValueError, match="exactly x_train, y_train, x_val, y_val"):
+        TrainingRun(TrainConfig(), arrays)
+
+
+def test_cli_trains_and_saves(tiny_data_dir, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "fmnist.train", "--data-dir", str(tiny_data_dir), "--model", "mlp",
+         "--units", "16", "--epochs", "2", "--val-size", "100", "--train-size", "200",
+         "--save", str(tmp_path / "m")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2 and "val_acc" in lines[0]
+    assert (tmp_path / "m" / "model.keras").is_file()
+
+
+def test_cli_bad_key_is_one_line(tiny_data_dir):
+    out = subprocess.run(
+        [sys.executable, "-m", "fmnist.train", "--data-dir", str(tiny_data_dir), "--model", "gpt"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    # TensorFlow's C++ start-up lines cannot be silenced; ours is the last line.
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == "error: model must be one of mlp, cnn, vgg, resnet"
