@@ -1,0 +1,256 @@
+"""The Parquet layout of an experiment (DESIGN.md): atomic writes, canonical reads. No Ray.
+
+    <root>/<experiment>/experiment.parquet   one row
+    <root>/<experiment>/trials/part-*.parquet one row per finished trial (latest row wins)
+    <root>/<experiment>/epochs/part-*.parquet one row per trial, epoch and attempt
+
+`root` is a local folder or any URI pyarrow's filesystems accept (s3://, gs://, file://).
+Every part file is written as `*.tmp`, synced, then renamed; readers ignore anything else.
+Results arrive at least once; the canonical views keep one row per key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+EXPERIMENT_FILE = "experiment.parquet"
+TRIALS_DIR = "trials"
+EPOCHS_DIR = "epochs"
+FINAL_DIR = "final"
+RAY_DIR = "ray"
+TMP_SUFFIX = ".tmp"
+QUARANTINE_DIR = "_corrupt"
+
+EPOCH_SCHEMA = pa.schema([
+    ("trial_id", pa.string()),
+    ("epoch", pa.int64()),
+    ("attempt", pa.int64()),
+    ("timestamp", pa.timestamp("us", tz="UTC")),
+    ("loss", pa.float64()),
+    ("accuracy", pa.float64()),
+    ("val_loss", pa.float64()),
+    ("val_accuracy", pa.float64()),
+    ("lr", pa.float64()),
+    ("epoch_time_s", pa.float64()),
+    ("train_time_s", pa.float64()),
+    ("samples_per_s", pa.float64()),
+    ("node", pa.string()),
+    ("node_ip", pa.string()),
+    ("gpu_ids", pa.string()),
+])
+
+TRIAL_COLUMNS = [
+    ("trial_id", pa.string()),
+    ("family", pa.string()),
+    ("status", pa.string()),  # completed, stopped, error, budget
+    ("stop_reason", pa.string()),
+    ("epochs", pa.int64()),
+    ("best_val_accuracy", pa.float64()),
+    ("best_epoch", pa.int64()),
+    ("last_val_accuracy", pa.float64()),
+    ("start_time", pa.timestamp("us", tz="UTC")),
+    ("end_time", pa.timestamp("us", tz="UTC")),
+    ("wall_time_s", pa.float64()),
+    ("train_time_s", pa.float64()),
+    ("cpus", pa.float64()),
+    ("gpus", pa.float64()),
+    ("node", pa.string()),
+    ("gpu_ids", pa.string()),
+    ("failures", pa.int64()),
+    ("error", pa.string()),
+    ("written_at", pa.timestamp("us", tz="UTC")),
+]
+PARAM_PREFIX = "params_"
+
+
+class StoreError(ValueError):
+    """A results folder is missing, not an experiment, or unreadable."""
+
+
+def open_root(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local folder or a URI."""
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            raise StoreError(f"cannot open storage {uri!r}: {exc}") from None
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts if p)
+
+
+def _is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+class ExperimentStore:
+    """Reads and writes one experiment folder."""
+
+    def __init__(self, root: str, name: str):
+        self.root_uri = root
+        self.name = name
+        self.fs, root_path = open_root(root)
+        self.path = _join(root_path, name)
+
+    # ------------------------------------------------------------------ paths
+
+    def uri(self, *parts: str) -> str:
+        """Path (or URI) of something inside the experiment, for other tools (e.g. Ray)."""
+        if "://" in self.root_uri:
+            return _join(self.root_uri, self.name, *parts)
+        return _join(self.path, *parts)
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(_join(self.path, EXPERIMENT_FILE)).type == pafs.FileType.File
+
+    def folder_exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    # ------------------------------------------------------------------ writing
+
+    def _write_atomic(self, table: pa.Table, path: str) -> None:
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        tmp = path + TMP_SUFFIX
+        if _is_local(self.fs):
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # make the rename itself durable
+            finally:
+                os.close(dir_fd)
+        else:  # object stores: an upload becomes visible whole, the move is best effort
+            with self.fs.open_output_stream(tmp) as f:
+                pq.write_table(table, f)
+            self.fs.move(tmp, path)
+
+    def _part_path(self, folder: str) -> str:
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        return _join(self.path, folder, name)
+
+    def write_experiment(self, row: Mapping[str, Any]) -> None:
+        """Write the one-row experiment table (settings as JSON strings where nested)."""
+        flat = {k: (json.dumps(v, sort_keys=True, default=str) if isinstance(v, dict | list)
+                    else v) for k, v in row.items()}
+        self._write_atomic(pa.Table.from_pylist([flat]), _join(self.path, EXPERIMENT_FILE))
+
+    def append_epochs(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in EPOCH_SCHEMA}
+                                          for r in rows], schema=EPOCH_SCHEMA)
+            self._write_atomic(table, self._part_path(EPOCHS_DIR))
+
+    def append_trials(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        fixed = pa.schema(TRIAL_COLUMNS)
+        param_names = sorted({k for r in rows for k in r if k.startswith(PARAM_PREFIX)})
+        fields = list(fixed)
+        for name in param_names:
+            values = [r.get(name) for r in rows]
+            fields.append(pa.field(name, _param_type(values)))
+        schema = pa.schema(fields)
+        table = pa.Table.from_pylist([{f.name: _param_value(r.get(f.name)) for f in schema}
+                                      for r in rows], schema=schema)
+        self._write_atomic(table, self._part_path(TRIALS_DIR))
+
+    def sweep_tmp(self) -> list[str]:
+        """Remove `*.tmp` files left by a writer that died mid-write; return what was removed."""
+        removed = []
+        for info in self._list(""):
+            if info.base_name.endswith(TMP_SUFFIX):
+                self.fs.delete_file(info.path)
+                removed.append(info.path)
+        return removed
+
+    # ------------------------------------------------------------------ reading
+
+    def _list(self, folder: str) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(_join(self.path, folder), allow_not_found=True,
+                                     recursive=True)
+        return [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+    def _parts(self, folder: str) -> list[pafs.FileInfo]:
+        return sorted((i for i in self._list(folder) if i.base_name.endswith(".parquet")
+                       and QUARANTINE_DIR not in i.path), key=lambda i: i.path)
+
+    def _read_parts(self, folder: str) -> tuple[list[pd.DataFrame], list[str]]:
+        """Read every part; unreadable ones (torn, zero-byte) are moved aside and reported."""
+        frames, bad = [], []
+        for info in self._parts(folder):
+            try:
+                with self.fs.open_input_file(info.path) as f:
+                    frames.append(pq.read_table(f).to_pandas())
+            except (pa.ArrowInvalid, OSError) as exc:
+                bad.append(f"{info.path}: {exc}")
+                aside = _join(self.path, QUARANTINE_DIR, folder, info.base_name)
+                self.fs.create_dir(aside.rsplit("/", 1)[0], recursive=True)
+                self.fs.move(info.path, aside)
+        return frames, bad
+
+    def read_experiment(self) -> dict[str, Any]:
+        if not self.exists():
+            raise StoreError(f"{self.uri()} is not an experiment (no {EXPERIMENT_FILE})")
+        with self.fs.open_input_file(_join(self.path, EXPERIMENT_FILE)) as f:
+            return pq.read_table(f).to_pylist()[0]
+
+    def read_epochs(self, canonical: bool = True) -> pd.DataFrame:
+        """Epoch rows; canonical: one per (trial_id, epoch), the latest attempt."""
+        frames, self.corrupt_epochs = self._read_parts(EPOCHS_DIR)
+        if not frames:
+            return EPOCH_SCHEMA.empty_table().to_pandas()
+        df = pd.concat(frames, ignore_index=True)
+        if canonical:
+            df = canonical_epochs(df)
+        return df
+
+    def read_trials(self) -> pd.DataFrame:
+        """Trial rows, one per trial_id (the latest written)."""
+        frames, self.corrupt_trials = self._read_parts(TRIALS_DIR)
+        if not frames:
+            return pa.schema(TRIAL_COLUMNS).empty_table().to_pandas()
+        df = pd.concat(frames, ignore_index=True)
+        df = df.sort_values(["trial_id", "written_at"], kind="stable")
+        return df.drop_duplicates("trial_id", keep="last").reset_index(drop=True)
+
+
+def canonical_epochs(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (trial_id, epoch): the latest attempt, then the latest timestamp."""
+    df = df.sort_values(["trial_id", "epoch", "attempt", "timestamp"], kind="stable")
+    return df.drop_duplicates(["trial_id", "epoch"], keep="last").reset_index(drop=True)
+
+
+def _param_type(values: list[Any]) -> pa.DataType:
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return pa.bool_()
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return pa.int64()
+    if present and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        return pa.float64()
+    return pa.string()
+
+
+def _param_value(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value))
+    return value

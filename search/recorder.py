@@ -1,0 +1,216 @@
+"""Driver-side Ray Tune callback: every epoch and every finished trial into Parquet, live.
+
+Epoch rows are buffered and flushed every `flush_every_s` seconds and at every trial end, each
+flush one atomic part file, so a crash loses at most the last few seconds (and --resume
+re-runs those epochs from the trials' checkpoints). Also prints a compact progress line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from ray.tune import Callback
+
+from results.store import PARAM_PREFIX, ExperimentStore
+
+TERMINAL = ("completed", "stopped", "error", "budget")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _error_text(trial: Any) -> str:
+    try:
+        text = trial.get_error()
+        text = str(text) if text is not None else ""
+    except Exception:  # a missing error file must not break the recording
+        text = ""
+    if not text and getattr(trial, "error_file", None):
+        try:
+            with open(trial.error_file) as f:
+                text = f.read()
+        except OSError:
+            pass
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    # The last line of a traceback names the exception; keep that, it is what a person needs.
+    return lines[-1].strip() if lines else "unknown error"
+
+
+class ParquetRecorder(Callback):
+    """Writes `epochs/` and `trials/` rows for one experiment while the search runs."""
+
+    def __init__(self, store: ExperimentStore, fixed: dict[str, Any], scheduler: str,
+                 cpus: float, gpus: float, flush_every_s: float = 2.0,
+                 progress_every_s: float = 15.0, out=None):
+        self.store = store
+        self.fixed = dict(fixed)
+        self.scheduler = scheduler
+        self.cpus, self.gpus = cpus, gpus
+        self.flush_every_s = flush_every_s
+        self.progress_every_s = progress_every_s
+        self.out = out
+        self._reset()
+
+    def _reset(self) -> None:
+        self._epochs: list[dict[str, Any]] = []
+        self._trials: list[dict[str, Any]] = []
+        self._history: dict[str, dict[int, dict[str, Any]]] = {}
+        self._started: dict[str, datetime] = {}
+        self._terminal: dict[str, str] = {}
+        self._last_flush = time.monotonic()
+        self._last_progress = time.monotonic()
+        self._t0 = time.monotonic()
+        self.failed: list[str] = []
+
+    # Tune pickles the callback into its experiment state; the file handle stays behind.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["out"] = None
+        return state
+
+    def setup(self, **info: Any) -> None:
+        """Start (or resume): seed per-trial histories from what is already on disk."""
+        self._reset()
+        self.store.sweep_tmp()
+        for row in self.store.read_epochs().to_dict("records"):
+            self._history.setdefault(row["trial_id"], {})[int(row["epoch"])] = row
+        trials = self.store.read_trials()
+        self._terminal = dict(zip(trials["trial_id"], trials["status"], strict=True))
+
+    # ------------------------------------------------------------------ events
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._started.setdefault(trial.trial_id, _now())
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        self._started.setdefault(trial.trial_id, _now())
+        row = {
+            "trial_id": trial.trial_id,
+            "epoch": int(result["epoch"]),
+            "attempt": int(result.get("attempt", 0)),
+            "timestamp": _now(),
+            "loss": result.get("loss"),
+            "accuracy": result.get("accuracy"),
+            "val_loss": result.get("val_loss"),
+            "val_accuracy": result.get("val_accuracy"),
+            "lr": result.get("lr"),
+            "epoch_time_s": result.get("epoch_time_s"),
+            "train_time_s": result.get("train_time_s"),
+            "samples_per_s": result.get("train_samples_per_s"),
+            "node": result.get("node"),
+            "node_ip": result.get("node_ip"),
+            "gpu_ids": result.get("gpu_ids", ""),
+        }
+        self._epochs.append(row)
+        self._history.setdefault(trial.trial_id, {})[row["epoch"]] = row
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, error=None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, error=_error_text(trial))
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_flush >= self.flush_every_s:
+            self.flush()
+        if self.progress_every_s and now - self._last_progress >= self.progress_every_s:
+            self._last_progress = now
+            self.print_progress(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # Trials the time budget cut off (or never started) get a terminal row too.
+        for trial in trials:
+            if trial.trial_id not in self._terminal:
+                self._finish(trial, error=None, budget=True)
+        self.flush()
+        self.print_progress(trials)
+
+    # ------------------------------------------------------------------ rows
+
+    def _finish(self, trial: Any, error: str | None, budget: bool = False) -> None:
+        history = self._history.get(trial.trial_id, {})
+        epochs = max(history) if history else 0
+        max_epochs = int({**self.fixed, **trial.config}.get("epochs", 0))
+        accs = {e: r["val_accuracy"] for e, r in history.items() if r["val_accuracy"] is not None}
+        best_epoch = max(accs, key=lambda e: (accs[e], -e)) if accs else None
+        if error is not None:
+            status, reason = "error", f"error at epoch {epochs + 1}: {error}"
+            self.failed.append(trial.trial_id)
+        elif epochs >= max_epochs > 0:
+            status, reason = "completed", "completed"
+        elif budget:
+            status, reason = "budget", f"time budget ended the search at epoch {epochs}"
+        else:
+            status, reason = "stopped", f"stopped by {self.scheduler} at epoch {epochs}"
+        last = history.get(epochs, {})
+        started = self._started.get(trial.trial_id)
+        end = _now()
+        row = {
+            "trial_id": trial.trial_id,
+            "family": {**self.fixed, **trial.config}.get("model"),
+            "status": status,
+            "stop_reason": reason,
+            "epochs": epochs,
+            "best_val_accuracy": accs.get(best_epoch) if best_epoch else None,
+            "best_epoch": best_epoch,
+            "last_val_accuracy": last.get("val_accuracy"),
+            "start_time": started,
+            "end_time": end,
+            "wall_time_s": (end - started).total_seconds() if started else None,
+            "train_time_s": sum((r.get("epoch_time_s") or 0.0) for r in history.values()),
+            "cpus": self.cpus,
+            "gpus": self.gpus,
+            "node": last.get("node"),
+            "gpu_ids": last.get("gpu_ids"),
+            "failures": int(getattr(trial, "num_failures", 0) or 0),
+            "error": error,
+            "written_at": end,
+        }
+        for key, value in {**self.fixed, **trial.config}.items():
+            row[PARAM_PREFIX + key] = value
+        self._trials.append(row)
+        self._terminal[trial.trial_id] = status
+        self.flush()
+
+    def flush(self) -> None:
+        epochs, trials = self._epochs, self._trials
+        self._epochs, self._trials = [], []
+        self.store.append_epochs(epochs)  # epochs first: a trial row never precedes its epochs
+        self.store.append_trials(trials)
+        self._last_flush = time.monotonic()
+
+    # ------------------------------------------------------------------ progress
+
+    def print_progress(self, trials: list) -> None:
+        counts = {s: 0 for s in ("running", "paused", "pending", *TERMINAL)}
+        for trial in trials:
+            status = self._terminal.get(trial.trial_id)
+            if status is None:
+                status = {"RUNNING": "running", "PAUSED": "paused"}.get(trial.status, "pending")
+            counts[status] += 1
+        best = None
+        for trial_id, history in self._history.items():
+            for epoch, row in history.items():
+                if row["val_accuracy"] is not None and (best is None or row["val_accuracy"] > best[0]):
+                    best = (row["val_accuracy"], trial_id, epoch)
+        elapsed = time.monotonic() - self._t0
+        parts = [f"{counts['running']} running", f"{counts['pending']} pending"]
+        if counts["paused"]:
+            parts.append(f"{counts['paused']} paused")
+        parts += [f"{counts['stopped']} stopped early", f"{counts['completed']} done"]
+        if counts["budget"]:
+            parts.append(f"{counts['budget']} cut by budget")
+        if counts["error"]:
+            parts.append(f"{counts['error']} failed")
+        line = f"[{elapsed:6.0f}s] " + " | ".join(parts)
+        if best:
+            line += f" | best val_accuracy {best[0]:.4f} ({best[1]}, epoch {best[2]})"
+        print(line, file=self.out or sys.stdout, flush=True)

@@ -1,0 +1,476 @@
+"""Hyperparameter search on Ray Tune: `python search/run.py --space vgg`.
+
+Everything the user typed is checked before Ray starts or anything is written; a mistake is one
+line on stderr and exit code 2. Results land in <storage>/<name>/ as Parquet (DESIGN.md).
+Exit codes: 0 all trials ended cleanly, 1 some trials failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tune warns on every forced snapshot; with per-epoch checkpoints those are what make resume exact.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+if str(ROOT) not in sys.path:  # `python search/run.py` from a checkout that is not installed
+    sys.path.insert(0, str(ROOT))
+
+from fmnist.config import METRIC, MODE  # noqa: E402
+from fmnist.data import DataError, Splits, load_splits, resolve_data_dir  # noqa: E402
+from results.store import ExperimentStore, StoreError  # noqa: E402
+from search.spaces import (  # noqa: E402
+    Space,
+    SpaceError,
+    grid_points,
+    list_spaces,
+    load_space,
+    parse_override,
+    space_json,
+)
+
+SCHEDULERS = ("asha", "hyperband", "median", "fifo")
+SEARCHERS = ("random", "optuna", "hyperopt", "grid")
+# The default run finishes on a laptop CPU in about 15 minutes; --full is the real study.
+QUICK = {"num_samples": 8, "max_epochs": 4, "train_size": 12_000, "time_budget": 14 * 60}
+FULL = {"num_samples": 64, "max_epochs": None, "train_size": None, "time_budget": None}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+VERSIONED = ("tensorflow", "keras", "ray", "optuna", "hyperopt", "numpy", "pandas", "pyarrow")
+
+
+class UsageError(ValueError):
+    """Bad flags or files: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python search/run.py",
+        description="Hyperparameter search for Keras classifiers on Fashion-MNIST, on Ray Tune. "
+        "Without --full the budget is a quick one (8 samples, 4 epochs, 12,000 training images, "
+        "14 min time budget) that finishes on a laptop CPU.",
+    )
+    a = p.add_argument
+    a("--space", default="vgg", help="space name (see --list-spaces) or path to a .yaml file")
+    a("--list-spaces", action="store_true", help="list the spaces shipped in search/spaces/")
+    a("--set", action="append", default=[], metavar="KEY=VALUE",
+      help="pin a parameter (value parsed as YAML, may also be a distribution); repeatable")
+    a("--full", action="store_true",
+      help="the full study: 64 samples, the space's epochs, the full 48,000-image train split, "
+      "no time budget (each still overridable)")
+    a("--scheduler", default="asha", help=f"trial scheduler: {', '.join(SCHEDULERS)}")
+    a("--searcher", default="random", help=f"config searcher: {', '.join(SEARCHERS)}")
+    a("--num-samples", type=int, help="configurations to sample (per grid point with grids)")
+    a("--max-epochs", type=int, help="epochs of a trial that is never stopped (max_t); "
+      "default: 4, or the space's `epochs` with --full")
+    a("--grace-period", type=int, default=1, help="asha/median: epochs before a trial may stop")
+    a("--reduction-factor", type=float, default=3.0,
+      help="asha/hyperband: keep 1/factor of the trials at each rung")
+    a("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (TF threads follow)")
+    a("--gpus-per-trial", type=float, default=0.0,
+      help="GPUs per trial; fractions pack trials on one GPU (0.25 = four per GPU)")
+    a("--max-concurrent", type=int, help="at most this many trials at once")
+    a("--max-failures", type=int, default=2,
+      help="retries of a failed trial from its last checkpoint")
+    a("--time-budget", type=float, help="stop the search after this many seconds")
+    a("--seed", type=int, default=0, help="searcher seed and data split seed")
+    a("--train-size", type=int, help="class-balanced subset of the training split")
+    a("--val-size", type=int, default=12_000, help="validation images (default 12,000)")
+    a("--dataset", default="fashion_mnist", help="fashion_mnist or mnist (MNIST-format folder)")
+    a("--data-dir", help="folder with the four IDX files (else FMNIST_DATA_DIR, the Debian "
+      "package folder, the Keras cache)")
+    a("--address", help="Ray cluster: auto, host:port or ray://host:port; default: an embedded "
+      "local Ray")
+    a("--storage", default="runs", help="results root: a folder or a URI pyarrow accepts "
+      "(s3://bucket/path, gs://...); default ./runs")
+    a("--name", help="experiment name (folder under --storage); default <space>-<time>")
+    a("--resume", action="store_true",
+      help="continue the interrupted experiment --name with its original settings")
+    a("--dry-run", action="store_true",
+      help="check everything and print the plan without starting Ray")
+    return p
+
+
+@dataclass
+class Plan:
+    """Everything resolved and checked; nothing started, nothing written."""
+
+    args: argparse.Namespace
+    space: Space
+    splits: Splits
+    store: ExperimentStore
+    settings: dict[str, Any]
+    argv: list[str]
+
+
+def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("space", "set", "full", "scheduler", "searcher", "num_samples", "max_epochs",
+            "grace_period", "reduction_factor", "cpus_per_trial", "gpus_per_trial",
+            "max_concurrent", "max_failures", "time_budget", "seed", "train_size", "val_size",
+            "dataset", "data_dir")
+    return {k: getattr(args, k) for k in keys}
+
+
+def resolve(argv: list[str]) -> Plan:
+    """Parse and check everything. Raises UsageError with a one-line message."""
+    args = build_parser().parse_args(argv)
+    if args.name is not None and not NAME_RE.match(args.name):
+        raise UsageError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only "
+                         "(no path separators)")
+    if args.resume:
+        if not args.name:
+            raise UsageError("--resume needs --name of the experiment to continue")
+        store = ExperimentStore(args.storage, args.name)
+        if not store.exists():
+            raise UsageError(f"--resume: no experiment {args.name!r} under {args.storage}")
+        saved = json.loads(store.read_experiment()["settings"])
+        for key, value in saved.items():  # the original settings win; only where/how differ
+            setattr(args, key.replace("-", "_"), value)
+    preset = FULL if args.full else QUICK
+    for key, value in preset.items():
+        if getattr(args, key) is None and key != "max_epochs":
+            setattr(args, key, value)
+    if args.scheduler not in SCHEDULERS:
+        raise UsageError(f"--scheduler {args.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if args.searcher not in SEARCHERS:
+        raise UsageError(f"--searcher {args.searcher!r}: choose one of {', '.join(SEARCHERS)}")
+    checks = [
+        (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
+        (args.max_epochs is None or args.max_epochs >= 1,
+         f"--max-epochs must be >= 1, got {args.max_epochs}"),
+        (args.grace_period >= 1, f"--grace-period must be >= 1, got {args.grace_period}"),
+        (args.reduction_factor > 1, f"--reduction-factor must be > 1, got {args.reduction_factor}"),
+        (args.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}"),
+        (args.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}"),
+        (args.max_concurrent is None or args.max_concurrent >= 1,
+         f"--max-concurrent must be >= 1, got {args.max_concurrent}"),
+        (args.max_failures >= 0, f"--max-failures must be >= 0, got {args.max_failures}"),
+        (args.time_budget is None or args.time_budget > 0,
+         f"--time-budget must be > 0 seconds, got {args.time_budget}"),
+        (args.train_size is None or args.train_size >= 1,
+         f"--train-size must be >= 1, got {args.train_size}"),
+        (args.val_size >= 1, f"--val-size must be >= 1, got {args.val_size}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    overrides = dict(parse_override(s) for s in args.set)
+    space = load_space(args.space, overrides)
+    if args.max_epochs is None:
+        args.max_epochs = space.epochs if args.full else QUICK["max_epochs"]
+    space = load_space(args.space, {**overrides, "epochs": args.max_epochs})  # re-check
+    if args.grace_period > args.max_epochs:
+        raise UsageError(f"--grace-period {args.grace_period} exceeds --max-epochs "
+                         f"{args.max_epochs}")
+    if args.searcher in ("optuna", "hyperopt") and space.grid_keys:
+        raise UsageError(f"{space.source}: grid keys ({', '.join(space.grid_keys)}) need "
+                         f"--searcher grid or random, not {args.searcher}")
+    resolve_data_dir(args.data_dir, args.dataset)  # a clear error for a missing folder first
+    splits = load_splits(args.data_dir, args.dataset, val_size=args.val_size,
+                         train_size=args.train_size, seed=args.seed)
+    if not args.resume:
+        name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        store = ExperimentStore(args.storage, name)
+        if store.folder_exists():
+            raise UsageError(f"experiment {name!r} already exists under {args.storage}; "
+                             "use --resume to continue it or another --name")
+        args.name = name
+    return Plan(args, space, splits, store, _settings_from(args), argv)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def asha_rungs(grace: int, factor: float, max_t: int) -> list[int]:
+    rungs, t = [], float(grace)
+    while t < max_t:
+        rungs.append(int(t))
+        t *= factor
+    return rungs
+
+
+def describe(plan: Plan, cpus: float | None) -> str:
+    a, s = plan.args, plan.space
+    lines = [f"space {s.name} ({s.source}): {len(s.dists)} sampled, {len(s.fixed)} fixed"]
+    lines += [f"  {k:<18} {d.describe()}" for k, d in s.dists.items()]
+    lines.append("  fixed: " + ", ".join(f"{k}={v}" for k, v in s.fixed.items()))
+    src = plan.splits.source
+    lines.append(f"data: {src.dataset} from {src.location}, train {len(plan.splits.y_train)} / "
+                 f"val {len(plan.splits.y_val)} (test split not loaded), "
+                 f"fingerprint {src.fingerprint[:12]}")
+    if a.scheduler == "asha":
+        rungs = asha_rungs(a.grace_period, a.reduction_factor, a.max_epochs)
+        sched = (f"asha (grace {a.grace_period}, reduction {a.reduction_factor:g}, max_t "
+                 f"{a.max_epochs}): rungs at epochs {', '.join(map(str, rungs)) or '-'}")
+    elif a.scheduler == "hyperband":
+        sched = f"hyperband (reduction {a.reduction_factor:g}, max_t {a.max_epochs})"
+    elif a.scheduler == "median":
+        sched = f"median stopping (grace {a.grace_period} epochs, max_t {a.max_epochs})"
+    else:
+        sched = f"fifo (every trial runs {a.max_epochs} epochs)"
+    lines.append(f"scheduler: {sched}")
+    points = grid_points(s, a.searcher)
+    trials = a.num_samples * points
+    lines.append(f"searcher: {a.searcher} (seed {a.seed}), {a.num_samples} samples x {points} "
+                 f"grid points = {trials} trials")
+    budget = f"budget: at most {trials * a.max_epochs} trial-epochs ({trials} x {a.max_epochs})"
+    if a.time_budget:
+        budget += f", time budget {a.time_budget:g} s"
+    lines.append(budget)
+    slots = "?" if cpus is None else max(1, int(cpus // a.cpus_per_trial))
+    if a.max_concurrent and slots != "?":
+        slots = min(slots, a.max_concurrent)
+    where = a.address or f"embedded local Ray ({cpus:g} CPUs)" if cpus else a.address
+    lines.append(f"resources: {a.cpus_per_trial:g} CPU, {a.gpus_per_trial:g} GPU per trial; "
+                 f"up to {slots} concurrent on {where}")
+    lines.append(f"results: {plan.store.uri()}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_ray(args: argparse.Namespace) -> bool:
+    """Connect to --address or start an embedded Ray; True if this process started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    if args.gpus_per_trial and args.gpus_per_trial < 1:  # JAX: share GPUs like TF's limit
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 * args.gpus_per_trial:.3f}"
+    common = dict(runtime_env={"env_vars": env}, log_to_driver=False,
+                  logging_level="WARNING", configure_logging=True)
+    if args.address:
+        ray.init(address=args.address, **common)
+    else:
+        # Dashboard off and everything on loopback: nothing listens beyond this machine.
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", **common)
+    return True
+
+
+def make_scheduler(args: argparse.Namespace):
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        HyperBandScheduler,
+        MedianStoppingRule,
+    )
+
+    if args.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=args.max_epochs,
+                             grace_period=args.grace_period,
+                             reduction_factor=args.reduction_factor)
+    if args.scheduler == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=args.max_epochs,
+                                  reduction_factor=args.reduction_factor)
+    if args.scheduler == "median":
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=args.grace_period,
+                                  min_samples_required=2)
+    return FIFOScheduler()
+
+
+def make_searcher(args: argparse.Namespace, space: Space):
+    from ray.tune.search import BasicVariantGenerator
+
+    if args.searcher == "optuna" and space.dists:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=args.seed))
+    if args.searcher == "hyperopt" and space.dists:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(random_state_seed=args.seed,
+                              n_initial_points=min(20, max(1, args.num_samples // 2)))
+    return BasicVariantGenerator(random_state=args.seed)
+
+
+def experiment_row(plan: Plan, resources: dict[str, Any]) -> dict[str, Any]:
+    a = plan.args
+    return {
+        "name": a.name,
+        "created_at": datetime.now(UTC),
+        "space_name": plan.space.name,
+        "space": space_json(plan.space),
+        "scheduler": a.scheduler,
+        "scheduler_settings": {"max_t": a.max_epochs, "grace_period": a.grace_period,
+                               "reduction_factor": a.reduction_factor, "metric": METRIC,
+                               "mode": MODE},
+        "searcher": a.searcher,
+        "searcher_settings": {"seed": a.seed, "num_samples": a.num_samples,
+                              "max_concurrent": a.max_concurrent},
+        "num_samples": a.num_samples,
+        "max_epochs": a.max_epochs,
+        "dataset": plan.splits.dataset,
+        "dataset_fingerprint": plan.splits.source.fingerprint,
+        "dataset_files": plan.splits.source.sha256,
+        "data_location": plan.splits.source.location,
+        "train_size": len(plan.splits.y_train),
+        "val_size": len(plan.splits.y_val),
+        "split_seed": plan.splits.seed,
+        "cpus_per_trial": a.cpus_per_trial,
+        "gpus_per_trial": a.gpus_per_trial,
+        "cluster_resources": resources,
+        "address": a.address or "local",
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "command": shlex.join([sys.executable, "search/run.py", *plan.argv]),
+        "settings": plan.settings,
+    }
+
+
+def run_search(plan: Plan, out=None) -> int:
+    import ray
+    from ray import tune
+
+    from search.recorder import ParquetRecorder
+    from search.spaces import to_tune
+    from search.trainable import FMNISTTrainable
+
+    a = plan.args
+    started_here = start_ray(a)
+    try:
+        resources = {k: v for k, v in ray.cluster_resources().items()
+                     if k in ("CPU", "GPU", "memory") or k.startswith("accelerator")}
+        resources["nodes"] = len([n for n in ray.nodes() if n.get("Alive")])
+        trainable = tune.with_resources(
+            tune.with_parameters(FMNISTTrainable, data=plan.splits.arrays(),
+                                 fixed=plan.space.fixed, cpus=a.cpus_per_trial,
+                                 gpus=a.gpus_per_trial),
+            {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial},
+        )
+        print(describe(plan, resources.get("CPU")), file=out or sys.stdout, flush=True)
+        if a.resume:
+            plan.store.sweep_tmp()
+            tuner = tune.Tuner.restore(plan.store.uri("ray"), trainable=trainable,
+                                       resume_unfinished=True, resume_errored=False)
+        else:
+            plan.store.write_experiment(experiment_row(plan, resources))
+            recorder = ParquetRecorder(plan.store, plan.space.fixed, a.scheduler,
+                                       a.cpus_per_trial, a.gpus_per_trial, out=out)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=to_tune(plan.space, a.searcher),
+                tune_config=tune.TuneConfig(
+                    metric=METRIC, mode=MODE, scheduler=make_scheduler(a),
+                    search_alg=make_searcher(a, plan.space), num_samples=a.num_samples,
+                    max_concurrent_trials=a.max_concurrent, time_budget_s=a.time_budget,
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name="ray", storage_path=plan.store.uri(), callbacks=[recorder],
+                    stop={"training_iteration": a.max_epochs},
+                    checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1,
+                                                            num_to_keep=2),
+                    failure_config=tune.FailureConfig(max_failures=a.max_failures),
+                    verbose=0,
+                ),
+            )
+        start = time.monotonic()
+        tuner.fit()
+        wall = time.monotonic() - start
+    finally:
+        if started_here:
+            ray.shutdown()
+    return report(plan.store, wall, out)
+
+
+def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10) -> int:
+    """Print the top trials from what is on disk; exit code 1 if any trial failed."""
+    out = out or sys.stdout
+    trials = store.read_trials()
+    epochs = store.read_epochs()
+    ranked = trials.sort_values(["best_val_accuracy", "best_epoch"], ascending=[False, True],
+                                na_position="last").head(top)
+    sampled = [c for c in trials.columns if c.startswith("params_")
+               and trials[c].nunique(dropna=True) > 1]
+    print(f"\nTop {len(ranked)} of {len(trials)} trials by best {METRIC} "
+          f"(wall {wall_s:.0f} s, {len(epochs)} trial-epochs):", file=out)
+    header = f"{'#':>2}  {'trial':<18} {'val_acc':>7} {'epoch':>5} {'ran':>3} {'status':<9} " \
+             f"{'time_s':>6}  params"
+    print(header, file=out)
+    for rank, row in enumerate(ranked.itertuples(index=False), 1):
+        r = row._asdict()
+        params = " ".join(f"{c[7:]}={_short(r[c])}" for c in sampled)
+        acc = "-" if r["best_val_accuracy"] is None or math.isnan(r["best_val_accuracy"]) \
+            else f"{r['best_val_accuracy']:.4f}"
+        best_epoch = "-" if r["best_epoch"] is None or r["best_epoch"] != r["best_epoch"] \
+            else int(r["best_epoch"])
+        print(f"{rank:>2}  {r['trial_id']:<18} {acc:>7} {best_epoch:>5} {r['epochs']:>3} "
+              f"{r['status']:<9} {r['train_time_s']:>6.0f}  {params}", file=out)
+    counts = trials["status"].value_counts().to_dict()
+    print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=out)
+    print(f"results: {store.uri()}", file=out, flush=True)
+    failed = trials[trials["status"] == "error"]
+    for row in failed.itertuples(index=False):
+        print(f"failed: {row.trial_id}: {row.stop_reason}", file=sys.stderr)
+    return 1 if len(failed) else 0
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def main(argv: list[str] | None = None, out=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if "--list-spaces" in argv:
+            for name in list_spaces():
+                space = load_space(name)
+                print(f"{name:<10} {space.fixed['model']:<7} {len(space.dists)} sampled, "
+                      f"max {space.epochs} epochs", file=out or sys.stdout)
+            return 0
+        plan = resolve(argv)
+    except (UsageError, SpaceError, DataError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if plan.args.dry_run:
+        print(describe(plan, os.cpu_count() if not plan.args.address else None),
+              file=out or sys.stdout)
+        return 0
+    return run_search(plan, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Search spaces: YAML files in search/spaces/, validated against TrainConfig before Ray starts.
+
+    model: vgg                               # fixed values are plain scalars (or lists)
+    blocks: {choice: [2, 3, 4]}              # sampled values are one-key mappings
+    learning_rate: {loguniform: [1.0e-3, 1.0e-1]}
+
+Distributions: choice, uniform, loguniform, randint (upper bound exclusive), quniform,
+qloguniform (`[low, high, q]`), grid (every value, crossed with the other grid keys).
+This module imports no Ray: Tune objects are built by `to_tune` only when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fmnist.config import ConfigError, TrainConfig
+
+SPACES_DIR = Path(__file__).resolve().parent / "spaces"
+ARITY = {"choice": None, "grid": None, "uniform": 2, "loguniform": 2, "randint": 2,
+         "quniform": 3, "qloguniform": 3}
+LOG_SCALED = ("loguniform", "qloguniform")
+
+
+class SpaceError(ValueError):
+    """A search space file or override is not valid."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One sampled hyperparameter."""
+
+    kind: str
+    args: tuple[Any, ...]
+
+    @property
+    def log(self) -> bool:
+        return self.kind in LOG_SCALED
+
+    def describe(self) -> str:
+        return f"{self.kind}{list(self.args)}"
+
+
+@dataclass
+class Space:
+    """A named search space: fixed values and distributions over TrainConfig fields."""
+
+    name: str
+    source: str
+    fixed: dict[str, Any] = field(default_factory=dict)
+    dists: dict[str, Dist] = field(default_factory=dict)
+
+    @property
+    def epochs(self) -> int:
+        return self.fixed.get("epochs", TrainConfig().epochs)
+
+    @property
+    def grid_keys(self) -> list[str]:
+        return [k for k, d in self.dists.items() if d.kind == "grid"]
+
+    def grid_size(self) -> int:
+        return math.prod(len(self.dists[k].args) for k in self.grid_keys)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.fixed)
+        out.update({k: {d.kind: list(d.args)} for k, d in self.dists.items()})
+        return out
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        """One configuration drawn without Ray (tests, dry runs)."""
+        values = dict(self.fixed)
+        for key, d in self.dists.items():
+            values[key] = _draw(d, rng)
+        return values
+
+    def config(self, sampled: dict[str, Any]) -> TrainConfig:
+        return TrainConfig.from_dict({**self.fixed, **sampled})
+
+
+def _draw(d: Dist, rng: np.random.Generator) -> Any:
+    a = d.args
+    if d.kind in ("choice", "grid"):
+        return a[int(rng.integers(len(a)))]
+    if d.kind == "uniform":
+        return float(rng.uniform(a[0], a[1]))
+    if d.kind == "loguniform":
+        return float(math.exp(rng.uniform(math.log(a[0]), math.log(a[1]))))
+    if d.kind == "randint":
+        return int(rng.integers(a[0], a[1]))
+    value = rng.uniform(a[0], a[1]) if d.kind == "quniform" else math.exp(
+        rng.uniform(math.log(a[0]), math.log(a[1])))
+    return float(np.round(value / a[2]) * a[2])
+
+
+def list_spaces() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def space_path(name_or_path: str) -> Path:
+    """`vgg` -> search/spaces/vgg.yaml; anything ending in .yaml/.yml is a path."""
+    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise SpaceError(f"space file {path} does not exist")
+        return path
+    path = SPACES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise SpaceError(
+            f"unknown space {name_or_path!r}; available: {', '.join(list_spaces())} "
+            "(or pass a path to a .yaml file)"
+        )
+    return path
+
+
+def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Space:
+    """Load, check and return a space; `overrides` pin keys (`--set key=value`)."""
+    path = space_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        detail = str(exc).splitlines()[0]
+        raise SpaceError(f"{path}: not valid YAML ({detail})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise SpaceError(f"{path}: expected a mapping of TrainConfig keys to values")
+    raw.update(overrides or {})
+    return parse_space(raw, name=path.stem, source=str(path))
+
+
+def parse_space(raw: dict[str, Any], name: str, source: str) -> Space:
+    known = {f.name for f in fields(TrainConfig)}
+    space = Space(name=name, source=source)
+    for key, value in raw.items():
+        where = f"{source}: {key}"
+        if key not in known:
+            raise SpaceError(f"{where}: unknown key (not a TrainConfig field)")
+        if isinstance(value, dict):
+            space.dists[key] = _parse_dist(where, value)
+        else:
+            space.fixed[key] = value
+    if "model" not in space.fixed:
+        raise SpaceError(f"{source}: model: must be a fixed value (one family per space)")
+    if "epochs" in space.dists:
+        raise SpaceError(f"{source}: epochs: must be fixed (it is the scheduler's max_t)")
+    _check_values(space)
+    return space
+
+
+def _parse_dist(where: str, value: dict[str, Any]) -> Dist:
+    if len(value) != 1:
+        raise SpaceError(f"{where}: a distribution has exactly one of {', '.join(ARITY)}")
+    kind, args = next(iter(value.items()))
+    if kind not in ARITY:
+        raise SpaceError(f"{where}: unknown distribution {kind!r}; use one of {', '.join(ARITY)}")
+    if not isinstance(args, list):
+        raise SpaceError(f"{where}: {kind} takes a list, got {args!r}")
+    if ARITY[kind] is None:
+        if not args:
+            raise SpaceError(f"{where}: empty {kind}")
+        return Dist(kind, tuple(tuple(a) if isinstance(a, list) else a for a in args))
+    if len(args) != ARITY[kind]:
+        shape = "[low, high]" if ARITY[kind] == 2 else "[low, high, q]"
+        raise SpaceError(f"{where}: {kind} takes {shape}, got {args!r}")
+    if not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+        raise SpaceError(f"{where}: {kind} bounds must be numbers, got {args!r}")
+    low, high = args[0], args[1]
+    if not low < high:
+        raise SpaceError(f"{where}: {kind} lower bound {low} must be below upper bound {high}")
+    if kind in LOG_SCALED and low <= 0:
+        raise SpaceError(f"{where}: {kind} lower bound must be > 0, got {low}")
+    if kind in ("quniform", "qloguniform") and args[2] <= 0:
+        raise SpaceError(f"{where}: {kind} step q must be > 0, got {args[2]}")
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        raise SpaceError(f"{where}: randint bounds must be integers, got {args!r}")
+    return Dist(kind, tuple(args))
+
+
+def _check_values(space: Space) -> None:
+    """Every fixed value and every distribution's extremes must make a valid TrainConfig."""
+    try:
+        base = TrainConfig.from_dict(space.fixed)
+    except (ConfigError, TypeError) as exc:
+        raise SpaceError(f"{space.source}: {exc}") from None
+    for key, d in space.dists.items():
+        candidates = d.args if d.kind in ("choice", "grid") else d.args[:2]
+        for value in candidates:
+            if d.kind == "randint":
+                value = value if value == d.args[0] else value - 1
+            try:
+                base.replace(**{key: value})
+            except (ConfigError, TypeError) as exc:
+                raise SpaceError(f"{space.source}: {key}: {value!r} is not valid ({exc})") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value parsed as YAML (`lr=0.1`, `blocks={choice: [2, 3]}`)."""
+    if "=" not in text:
+        raise SpaceError(f"--set {text!r}: expected key=value")
+    key, _, value = text.partition("=")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise SpaceError(f"--set {text!r}: value is not valid YAML") from None
+
+
+def to_tune(space: Space, searcher: str) -> dict[str, Any]:
+    """The sampled part as a Ray Tune param_space (fixed values travel separately).
+
+    With the grid searcher every `choice` becomes a grid axis too; Optuna and HyperOpt have no
+    notion of a grid, so a space with `grid` keys is refused for them.
+    """
+    from ray import tune
+
+    if searcher in ("optuna", "hyperopt") and space.grid_keys:
+        raise SpaceError(
+            f"{space.source}: grid keys ({', '.join(space.grid_keys)}) need --searcher grid "
+            f"or random, not {searcher}"
+        )
+    out: dict[str, Any] = {}
+    for key, d in space.dists.items():
+        a = d.args
+        if d.kind == "grid" or (d.kind == "choice" and searcher == "grid"):
+            out[key] = tune.grid_search(list(a))
+        elif d.kind == "choice":
+            out[key] = tune.choice(list(a))
+        elif d.kind == "uniform":
+            out[key] = tune.uniform(a[0], a[1])
+        elif d.kind == "loguniform":
+            out[key] = tune.loguniform(a[0], a[1])
+        elif d.kind == "randint":
+            out[key] = tune.randint(a[0], a[1])
+        elif d.kind == "quniform":
+            out[key] = tune.quniform(*a)
+        else:
+            out[key] = tune.qloguniform(*a)
+    return out
+
+
+def grid_points(space: Space, searcher: str) -> int:
+    """Number of grid points Tune will cross with num_samples (1 when there is no grid)."""
+    keys = [k for k, d in space.dists.items()
+            if d.kind == "grid" or (d.kind == "choice" and searcher == "grid")]
+    return math.prod(len(space.dists[k].args) for k in keys)
+
+
+def space_json(space: Space) -> str:
+    return json.dumps(space.to_json(), sort_keys=True, default=list)

@@ -1,0 +1,118 @@
+"""The Ray Tune trainable: a thin adapter around `fmnist.train.TrainingRun`.
+
+One Tune iteration is one epoch. Each epoch is reported with a checkpoint, so schedulers can
+pause and resume trials (Hyperband) and a failed trial retries from its last epoch. With
+`reuse_actors`, `reset_config` rebuilds the model in the same process, so TensorFlow is
+imported and initialized once per worker, not once per trial.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from typing import Any
+
+import ray
+from ray import tune
+
+from fmnist.train import DATA_KEYS, TrainConfig, TrainingRun, configure_threads
+
+
+def gpu_memory_settings(fraction: float, total_mib: int) -> dict[str, Any]:
+    """How a trial holding `fraction` of a GPU limits itself so others fit beside it.
+
+    A whole GPU (or more) grows memory on demand; a fraction gets a hard limit in proportion,
+    with 10% kept back for the CUDA context and allocator slack of each process.
+    """
+    if fraction <= 0:
+        return {"memory_growth": False, "memory_limit_mib": None}
+    if fraction >= 1:
+        return {"memory_growth": True, "memory_limit_mib": None}
+    return {"memory_growth": False, "memory_limit_mib": int(total_mib * fraction * 0.9)}
+
+
+def _gpu_total_mib(index: int) -> int | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits",
+             "-i", str(index)], capture_output=True, text=True, timeout=20, check=True)
+        return int(out.stdout.strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _configure_gpu(fraction: float) -> None:
+    """Apply `gpu_memory_settings` to the GPU(s) Ray assigned (TensorFlow backend)."""
+    import keras
+
+    if fraction <= 0 or keras.backend.backend() != "tensorflow":
+        return  # JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION from the environment instead
+    import tensorflow as tf  # GPU memory options have no Keras API
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return
+    total = _gpu_total_mib(int(ray.get_gpu_ids()[0])) if ray.get_gpu_ids() else None
+    settings = gpu_memory_settings(fraction, total or 0)
+    try:
+        for gpu in gpus:
+            if settings["memory_limit_mib"] and total:
+                tf.config.set_logical_device_configuration(
+                    gpu, [tf.config.LogicalDeviceConfiguration(settings["memory_limit_mib"])])
+            else:
+                tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:
+        pass  # already initialized in this (reused) worker: keep what it has
+
+
+class FMNISTTrainable(tune.Trainable):
+    """`config` holds the sampled hyperparameters; `fixed` the space's fixed values."""
+
+    def setup(self, config: dict[str, Any], data: dict[str, Any], fixed: dict[str, Any],
+              cpus: float = 1.0, gpus: float = 0.0) -> None:
+        # The arrays come from the object store as read-only views (no copy). Only the
+        # train/validation split is ever put there: the test split stays on disk.
+        if set(data) != set(DATA_KEYS):
+            raise ValueError(f"trial data must be exactly {DATA_KEYS}, got {sorted(data)}")
+        self._data = data
+        self._fixed = dict(fixed)
+        self._cpus, self._gpus = cpus, gpus
+        threads = max(1, int(cpus))
+        configure_threads(threads, min(2, threads))
+        _configure_gpu(gpus)
+        self._node = ray.get_runtime_context().get_node_id()
+        self._node_ip = ray.util.get_node_ip_address()
+        self._host = socket.gethostname()
+        self._build(config)
+
+    def _build(self, config: dict[str, Any]) -> None:
+        threads = max(1, int(self._cpus))
+        cfg = TrainConfig.from_dict({**self._fixed, **config, "intra_op_threads": threads,
+                                     "inter_op_threads": min(2, threads)})
+        self.cfg = cfg
+        self._training = TrainingRun(cfg, self._data)
+
+    def step(self) -> dict[str, Any]:
+        metrics = self._training.fit_epoch()
+        gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
+        metrics.update(
+            attempt=self._training.attempt,
+            node=self._node,
+            node_ip=self._node_ip,
+            host=self._host,
+            gpu_ids=gpu_ids,
+            pid=os.getpid(),
+            done=self._training.epoch >= self.cfg.epochs,
+        )
+        return metrics
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        self._training.save(checkpoint_dir)
+
+    def load_checkpoint(self, checkpoint: str | dict) -> None:
+        self._training.restore(checkpoint)
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        self._build(new_config)
+        return True
