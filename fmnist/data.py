@@ -293,6 +293,15 @@ def stratified_indices(
     return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=np.int64)
 
 
+def digest_arrays(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over arrays in key order: proves which data a trial trained on."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class Splits:
     """What a search sees: train and validation only. The test split is never in here."""

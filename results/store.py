@@ -15,7 +15,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ EPOCH_SCHEMA = pa.schema([
     ("node", pa.string()),
     ("node_ip", pa.string()),
     ("gpu_ids", pa.string()),
+    ("data_sha256", pa.string()),  # digest of the train+validation arrays the trial received
 ])
 
 TRIAL_COLUMNS = [
@@ -67,6 +68,7 @@ TRIAL_COLUMNS = [
     ("gpus", pa.float64()),
     ("node", pa.string()),
     ("gpu_ids", pa.string()),
+    ("data_sha256", pa.string()),
     ("failures", pa.int64()),
     ("error", pa.string()),
     ("written_at", pa.timestamp("us", tz="UTC")),
@@ -169,8 +171,9 @@ class ExperimentStore:
             values = [r.get(name) for r in rows]
             fields.append(pa.field(name, _param_type(values)))
         schema = pa.schema(fields)
-        table = pa.Table.from_pylist([{f.name: _param_value(r.get(f.name)) for f in schema}
-                                      for r in rows], schema=schema)
+        table = pa.Table.from_pylist(
+            [{f.name: _param_value(r.get(f.name), f.type) for f in schema} for r in rows],
+            schema=schema)
         self._write_atomic(table, self._part_path(TRIALS_DIR))
 
     def sweep_tmp(self) -> list[str]:
@@ -183,6 +186,20 @@ class ExperimentStore:
         return removed
 
     # ------------------------------------------------------------------ reading
+
+    def ray_results(self) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        """(trial_id, epoch, result) from Ray Tune's own per-trial `result.json` logs."""
+        for info in self._list(RAY_DIR):
+            if info.base_name != "result.json":
+                continue
+            with self.fs.open_input_stream(info.path) as f:
+                text = f.read().decode("utf-8", errors="replace")
+            for line in text.splitlines():
+                try:
+                    result = json.loads(line)
+                    yield result["trial_id"], int(result["epoch"]), result
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line, or a result without an epoch
 
     def _list(self, folder: str) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(_join(self.path, folder), allow_not_found=True,
@@ -250,7 +267,9 @@ def _param_type(values: list[Any]) -> pa.DataType:
     return pa.string()
 
 
-def _param_value(value: Any) -> Any:
+def _param_value(value: Any, type_: pa.DataType) -> Any:
     if isinstance(value, list | tuple):
         return json.dumps(list(value))
+    if pa.types.is_string(type_) and value is not None and not isinstance(value, str):
+        return str(value)  # a column mixing types is stored as text
     return value

@@ -78,8 +78,24 @@ class ParquetRecorder(Callback):
         self.store.sweep_tmp()
         for row in self.store.read_epochs().to_dict("records"):
             self._history.setdefault(row["trial_id"], {})[int(row["epoch"])] = row
+        self._backfill()
         trials = self.store.read_trials()
         self._terminal = dict(zip(trials["trial_id"], trials["status"], strict=True))
+
+    def _backfill(self) -> None:
+        """Recover epochs Tune logged (result.json) that a crash kept from reaching Parquet.
+
+        Results reach Parquet in flushes a few seconds apart; if the driver died in between,
+        a resumed trial restarts after its last checkpoint and would never re-report them.
+        """
+        recovered = []
+        for trial_id, epoch, result in self.store.ray_results():
+            if epoch not in self._history.get(trial_id, {}):
+                row = self._epoch_row(trial_id, result,
+                                      datetime.fromtimestamp(result.get("timestamp", 0), UTC))
+                self._history.setdefault(trial_id, {})[epoch] = row
+                recovered.append(row)
+        self.store.append_epochs(recovered)
 
     # ------------------------------------------------------------------ events
 
@@ -89,11 +105,19 @@ class ParquetRecorder(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         self._started.setdefault(trial.trial_id, _now())
-        row = {
-            "trial_id": trial.trial_id,
+        row = self._epoch_row(trial.trial_id, result, _now())
+        self._epochs.append(row)
+        self._history.setdefault(trial.trial_id, {})[row["epoch"]] = row
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    @staticmethod
+    def _epoch_row(trial_id: str, result: dict, timestamp: datetime) -> dict[str, Any]:
+        return {
+            "trial_id": trial_id,
             "epoch": int(result["epoch"]),
             "attempt": int(result.get("attempt", 0)),
-            "timestamp": _now(),
+            "timestamp": timestamp,
             "loss": result.get("loss"),
             "accuracy": result.get("accuracy"),
             "val_loss": result.get("val_loss"),
@@ -105,11 +129,8 @@ class ParquetRecorder(Callback):
             "node": result.get("node"),
             "node_ip": result.get("node_ip"),
             "gpu_ids": result.get("gpu_ids", ""),
+            "data_sha256": result.get("data_sha256"),
         }
-        self._epochs.append(row)
-        self._history.setdefault(trial.trial_id, {})[row["epoch"]] = row
-        if time.monotonic() - self._last_flush >= self.flush_every_s:
-            self.flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, error=None)
@@ -170,6 +191,7 @@ class ParquetRecorder(Callback):
             "gpus": self.gpus,
             "node": last.get("node"),
             "gpu_ids": last.get("gpu_ids"),
+            "data_sha256": last.get("data_sha256"),
             "failures": int(getattr(trial, "num_failures", 0) or 0),
             "error": error,
             "written_at": end,
@@ -199,8 +221,9 @@ class ParquetRecorder(Callback):
         best = None
         for trial_id, history in self._history.items():
             for epoch, row in history.items():
-                if row["val_accuracy"] is not None and (best is None or row["val_accuracy"] > best[0]):
-                    best = (row["val_accuracy"], trial_id, epoch)
+                acc = row["val_accuracy"]
+                if acc is not None and (best is None or acc > best[0]):
+                    best = (acc, trial_id, epoch)
         elapsed = time.monotonic() - self._t0
         parts = [f"{counts['running']} running", f"{counts['pending']} pending"]
         if counts["paused"]:

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--searcher", default="random", help=f"config searcher: {', '.join(SEARCHERS)}")
     a("--num-samples", type=int, help="configurations to sample (per grid point with grids)")
     a("--max-epochs", type=int, help="epochs of a trial that is never stopped (max_t); "
-      "default: 4, or the space's `epochs` with --full")
+      "default: the space's `epochs`, capped at 4 without --full")
     a("--grace-period", type=int, default=1, help="asha/median: epochs before a trial may stop")
     a("--reduction-factor", type=float, default=3.0,
       help="asha/hyperband: keep 1/factor of the trials at each rung")
@@ -174,7 +174,7 @@ def resolve(argv: list[str]) -> Plan:
     overrides = dict(parse_override(s) for s in args.set)
     space = load_space(args.space, overrides)
     if args.max_epochs is None:
-        args.max_epochs = space.epochs if args.full else QUICK["max_epochs"]
+        args.max_epochs = space.epochs if args.full else min(space.epochs, QUICK["max_epochs"])
     space = load_space(args.space, {**overrides, "epochs": args.max_epochs})  # re-check
     if args.grace_period > args.max_epochs:
         raise UsageError(f"--grace-period {args.grace_period} exceeds --max-epochs "

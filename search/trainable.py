@@ -16,6 +16,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from fmnist.data import digest_arrays
 from fmnist.train import DATA_KEYS, TrainConfig, TrainingRun, configure_threads
 
 
@@ -76,6 +77,7 @@ class FMNISTTrainable(tune.Trainable):
         if set(data) != set(DATA_KEYS):
             raise ValueError(f"trial data must be exactly {DATA_KEYS}, got {sorted(data)}")
         self._data = data
+        self._data_sha256 = digest_arrays(data)
         self._fixed = dict(fixed)
         self._cpus, self._gpus = cpus, gpus
         threads = max(1, int(cpus))
@@ -102,6 +104,7 @@ class FMNISTTrainable(tune.Trainable):
             node_ip=self._node_ip,
             host=self._host,
             gpu_ids=gpu_ids,
+            data_sha256=self._data_sha256,
             pid=os.getpid(),
             done=self._training.epoch >= self.cfg.epochs,
         )

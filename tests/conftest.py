@@ -49,3 +49,39 @@ def write_dataset(folder: Path, n_train: int = 600, n_test: int = 200, seed: int
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("tiny-fmnist"))
+
+
+TINY_SPACE = """\
+model: mlp
+epochs: 2
+units: {choice: [8, 16]}
+hidden_layers: 1
+batch_size: 64
+learning_rate: {loguniform: [1.0e-3, 1.0e-2]}
+dropout: {uniform: [0.0, 0.2]}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_space(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("spaces") / "tiny.yaml"
+    path.write_text(TINY_SPACE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray for the whole session (2 CPUs, loopback, no dashboard)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    yield ray
+    ray.shutdown()
+
+
+def search_args(data_dir: Path, space: Path, storage: Path, name: str, *extra: str) -> list[str]:
+    """Arguments of a tiny search: 200 training and 100 validation images."""
+    return ["--space", str(space), "--data-dir", str(data_dir), "--storage", str(storage),
+            "--name", name, "--train-size", "200", "--val-size", "100", *extra]

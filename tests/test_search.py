@@ -1,0 +1,207 @@
+"""End-to-end searches on a real local Ray with tiny data and tiny models."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fmnist.data import digest_arrays, load_splits, load_test
+from results.store import EPOCH_SCHEMA, TRIAL_COLUMNS, ExperimentStore
+from search import run
+from tests.conftest import REPO, search_args
+
+SCHEDULERS = ["asha", "hyperband", "median", "fifo"]
+SEARCHERS = ["random", "optuna", "hyperopt", "grid"]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("searcher", SEARCHERS)
+def test_scheduler_searcher_pair_end_to_end(ray_session, tiny_data_dir, tiny_space, tmp_path,
+                                            scheduler, searcher):
+    # grid crosses units' 2 choices with 2 samples; the others sample 4 configurations.
+    samples = "2" if searcher == "grid" else "4"
+    name = f"{scheduler}-{searcher}"
+    out = io.StringIO()
+    code = run.main(search_args(tiny_data_dir, tiny_space, tmp_path, name, "--scheduler",
+                                scheduler, "--searcher", searcher, "--num-samples", samples,
+                                "--max-epochs", "3", "--seed", "1"), out=out)
+    assert code == 0, out.getvalue()
+    store = ExperimentStore(str(tmp_path), name)
+    trials, epochs = store.read_trials(), store.read_epochs()
+    assert len(trials) == 4
+    assert set(trials["status"]) <= {"completed", "stopped"}
+    # Epoch rows per trial equal the epochs the trial ran, numbered 1..n without gaps.
+    for row in trials.itertuples():
+        mine = epochs[epochs["trial_id"] == row.trial_id]["epoch"].tolist()
+        assert mine == list(range(1, row.epochs + 1)), row.trial_id
+        if row.status == "stopped":
+            assert row.epochs < 3 and row.stop_reason == f"stopped by {scheduler} at epoch " \
+                f"{row.epochs}"
+        else:
+            assert row.epochs == 3 and row.stop_reason == "completed"
+        best = epochs[epochs["trial_id"] == row.trial_id]["val_accuracy"].max()
+        assert row.best_val_accuracy == pytest.approx(best)
+    if scheduler == "fifo":
+        assert set(trials["status"]) == {"completed"}
+    if searcher == "grid":
+        assert sorted(trials["params_units"]) == [8, 8, 16, 16]
+    assert "Top 4 of 4 trials" in out.getvalue()
+
+
+def test_parquet_columns_and_types(ray_session, tiny_data_dir, tiny_space, tmp_path):
+    code = run.main(search_args(tiny_data_dir, tiny_space, tmp_path, "types", "--num-samples",
+                                "2", "--scheduler", "fifo"), out=io.StringIO())
+    assert code == 0
+    folder = tmp_path / "types"
+    exp = pq.read_table(folder / "experiment.parquet")
+    assert exp.num_rows == 1
+    row = exp.to_pylist()[0]
+    for key in ("name", "created_at", "space", "scheduler", "scheduler_settings", "searcher",
+                "dataset", "dataset_fingerprint", "train_size", "val_size", "versions",
+                "git_commit", "cluster_resources", "command"):
+        assert key in row, key
+    assert row["train_size"] == 200 and row["val_size"] == 100 and row["name"] == "types"
+    epochs = pq.read_table(folder / "epochs")
+    assert epochs.schema.equals(EPOCH_SCHEMA)
+    assert epochs.num_rows == 4
+    assert set(epochs.column("node").to_pylist()) == {ray_session.get_runtime_context()
+                                                     .get_node_id()}
+    trials = pq.read_table(folder / "trials")
+    types = {f.name: f.type for f in trials.schema}
+    for name, type_ in TRIAL_COLUMNS:
+        assert types[name] == type_, name
+    assert str(types["params_units"]) == "int64" and str(types["params_dropout"]) == "double"
+    assert str(types["params_model"]) == "string"
+    assert not list(folder.rglob("*.tmp"))
+
+
+def test_trials_never_receive_test_images(ray_session, tiny_data_dir, tiny_space, tmp_path):
+    argv = search_args(tiny_data_dir, tiny_space, tmp_path, "no-test", "--num-samples", "2",
+                       "--scheduler", "fifo", "--max-epochs", "1")
+    plan = run.resolve(argv)
+    payload = plan.splits.arrays()  # exactly what the trainable receives
+    assert set(payload) == {"x_train", "y_train", "x_val", "y_val"}
+    x_test, _, _ = load_test(tiny_data_dir)
+    assert (x_test[:, 0, 0] == 255).all()  # the fixture marks every test image
+    assert not (payload["x_train"][:, 0, 0] == 255).any()
+    assert not (payload["x_val"][:, 0, 0] == 255).any()
+    assert run.main(argv, out=io.StringIO()) == 0
+    trials = ExperimentStore(str(tmp_path), "no-test").read_trials()
+    # Every trial records a digest of the arrays it trained on: the train/val split, only.
+    assert set(trials["data_sha256"]) == {digest_arrays(payload)}
+    split = load_splits(tiny_data_dir, val_size=100, train_size=200, seed=0)
+    assert digest_arrays(split.arrays()) == digest_arrays(payload)
+
+
+def _run_cli(*argv, timeout=120):
+    """Run the CLI in a fresh interpreter; report whether Ray was imported at all."""
+    code = ("import sys, runpy; sys.argv = ['search/run.py', *sys.argv[1:]]\n"
+            "from search import run\n"
+            "rc = run.main()\n"
+            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\n"
+            "sys.exit(rc)\n")
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
+    out = _run_cli("--space", "vgg", "--data-dir", str(tiny_data_dir), "--storage",
+                   str(tmp_path), "--name", "plan", "--val-size", "100", "--train-size", "300",
+                   "--num-samples", "9", "--max-epochs", "9", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "NO_RAY" in text
+    assert "rungs at epochs 1, 3" in text and "9 samples x 1 grid points = 9 trials" in text
+    assert "at most 81 trial-epochs" in text and "learning_rate" in text
+    assert not (tmp_path / "plan").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--space", "nope"], "unknown space 'nope'"),
+        (["--space", "{bad_key}"], "filterz: unknown key"),
+        (["--space", "{bad_log}"], "lower bound must be > 0"),
+        (["--space", "{empty_choice}"], "empty choice"),
+        (["--max-epochs", "-2"], "--max-epochs must be >= 1"),
+        (["--set", "epochs=-2"], "epochs must be >= 1"),
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--scheduler", "pbt"], "--scheduler 'pbt': choose one of"),
+        (["--searcher", "bohb"], "--searcher 'bohb': choose one of"),
+        (["--data-dir", "{missing}"], "does not exist"),
+        (["--name", "a/b"], "no path separators"),
+        (["--name", ".."], "no path separators"),
+        (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data_dir, argv, match):
+    files = {"bad_key": "model: mlp\nfilterz: 2\n",
+             "bad_log": "model: mlp\nlearning_rate: {loguniform: [0.0, 0.1]}\n",
+             "empty_choice": "model: mlp\nunits: {choice: []}\n"}
+    for key, text in files.items():
+        (tmp_path / f"{key}.yaml").write_text(text)
+    subst = {f"{{{k}}}": str(tmp_path / f"{k}.yaml") for k in files}
+    subst["{missing}"] = str(tmp_path / "no-such-dir")
+    argv = [subst.get(a, a) for a in argv]
+    base = ["--storage", str(tmp_path / "runs"), "--space", "mlp", "--data-dir",
+            str(tiny_data_dir), "--val-size", "100"]
+    out = _run_cli(*base, *argv)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
+    assert "NO_RAY" in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_existing_experiment_needs_resume(tmp_path, tiny_data_dir, tiny_space):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    out = _run_cli(*search_args(tiny_data_dir, tiny_space, tmp_path / "runs", "taken"))
+    assert out.returncode == 2 and "already exists" in out.stderr and "--resume" in out.stderr
+
+
+def test_kill_then_resume_completes_without_gaps_or_duplicates(tiny_data_dir, tiny_space,
+                                                               tmp_path):
+    argv = search_args(tiny_data_dir, tiny_space, tmp_path, "resume", "--num-samples", "3",
+                       "--max-epochs", "6", "--scheduler", "fifo", "--max-concurrent", "2")
+    cmd = [sys.executable, "search/run.py", *argv]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    store = ExperimentStore(str(tmp_path), "resume")
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            if (tmp_path / "resume" / "epochs").exists() and len(store.read_epochs()) >= 3:
+                break
+            assert proc.poll() is None, "the search ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no epochs were written in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait()
+    before = store.read_epochs()
+    assert 3 <= len(before) < 18
+    out = subprocess.run([sys.executable, "search/run.py", "--storage", str(tmp_path), "--name",
+                          "resume", "--resume"], cwd=REPO, capture_output=True, text=True,
+                         timeout=400, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    epochs = store.read_epochs()
+    raw = store.read_epochs(canonical=False)
+    trials = store.read_trials()
+    assert len(trials) == 3 and set(trials["status"]) == {"completed"}
+    keys = sorted(zip(epochs["trial_id"], epochs["epoch"], strict=True))
+    assert keys == sorted((t, e) for t in trials["trial_id"] for e in range(1, 7))
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert len(raw) >= len(epochs)  # re-reported epochs exist only in the raw view
+    # Every epoch written before the kill is still there, with the same values or a later attempt.
+    merged = before.merge(epochs, on=["trial_id", "epoch"], suffixes=("_before", ""))
+    assert len(merged) == len(before)
+    assert (merged["attempt"] >= merged["attempt_before"]).all()
+    assert not list((tmp_path / "resume").rglob("*.tmp"))

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from fmnist.models import build_model
+from search.spaces import SpaceError, list_spaces, load_space, parse_override
+
+EXPECTED = {"mlp", "cnn", "vgg", "resnet", "seed-vgg"}
+
+
+def test_all_spaces_are_shipped():
+    assert EXPECTED <= set(list_spaces())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_space_loads_and_a_sample_builds(name):
+    space = load_space(name)
+    for seed in range(2):
+        cfg = space.config(space.sample(np.random.default_rng(seed)))
+        model = build_model(cfg)
+        assert model.output_shape == (None, 10)
+        assert cfg.model == space.fixed["model"]
+    for key in ("learning_rate", "weight_decay"):  # every space searches these
+        assert space.dists[key].log
+    assert "batch_size" in space.dists or "batch_size" in space.fixed
+
+
+def test_family_spaces_search_depth_and_width():
+    depth = {"mlp": "hidden_layers", "cnn": "blocks", "vgg": "blocks", "resnet": "stages"}
+    width = {"mlp": "units", "cnn": "base_filters", "vgg": "base_filters",
+             "resnet": "base_filters"}
+    for name in depth:
+        space = load_space(name)
+        assert depth[name] in space.dists and width[name] in space.dists
+        assert "batch_size" in space.dists
+
+
+def test_seed_vgg_is_notebook_000():
+    space = load_space("seed-vgg")
+    cfg = space.config(space.sample(np.random.default_rng(0)))
+    assert cfg.convs_per_block == (2, 2, 3, 3) and cfg.base_filters == 32
+    assert (cfg.dense_units, cfg.dropout, cfg.batch_size, cfg.epochs) == (256, 0.3, 64, 50)
+    assert (cfg.optimizer, cfg.momentum, cfg.lr_schedule) == ("sgd", 0.9, "cosine")
+    assert space.dists["weight_decay"].args == (3e-4, 1e-2)
+    assert space.dists["learning_rate"].args == (1e-3, 1e-1)
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("model: mlp\nfilterz: 3\n", r"filterz: unknown key"),
+        ("model: mlp\nlearning_rate: {loguniform: [0, 0.1]}\n", r"lower bound must be > 0"),
+        ("model: mlp\nunits: {choice: []}\n", r"units: empty choice"),
+        ("model: mlp\nepochs: -3\n", r"epochs must be >= 1"),
+        ("model: mlp\nunits: {gaussian: [1, 2]}\n", r"unknown distribution 'gaussian'"),
+        ("model: mlp\ndropout: {uniform: [0.5, 0.1]}\n", r"lower bound 0.5 must be below"),
+        ("model: mlp\ndropout: {uniform: [0.0, 1.5]}\n", r"dropout: 1.5 is not valid"),
+        ("units: 8\n", r"model: must be a fixed value"),
+        ("model: mlp\nunits: !!python/object/apply:os.system ['true']\n", r"not valid YAML"),
+        ("- 1\n- 2\n", r"expected a mapping"),
+    ],
+)
+def test_bad_space_files_name_file_key_and_problem(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SpaceError, match=match) as info:
+        load_space(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_overrides_pin_and_replace_distributions():
+    space = load_space("cnn", dict([parse_override("blocks=3"),
+                                    parse_override("dropout={choice: [0.1, 0.2]}")]))
+    assert space.fixed["blocks"] == 3 and "blocks" not in space.dists
+    assert space.dists["dropout"].kind == "choice"
+    with pytest.raises(SpaceError, match="expected key=value"):
+        parse_override("blocks")
+
+
+def test_unknown_space_lists_available():
+    with pytest.raises(SpaceError, match="unknown space 'nope'; available: .*vgg"):
+        load_space("nope")
