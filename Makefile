@@ -28,7 +28,7 @@ data:
 	fi
 
 run: setup
-	$(PY) -m fmnist.train --model cnn --epochs 5 $(ARGS)
+	$(PY) search/run.py --space vgg $(ARGS)
 
 test: setup
 	$(PY) -m pytest

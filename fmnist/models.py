@@ -28,6 +28,13 @@ def _l2(cfg: Any) -> keras.regularizers.Regularizer | None:
     return None
 
 
+def _batch_norm(name: str) -> layers.BatchNormalization:
+    # Keras's default momentum 0.99 needs ~500 steps for the moving statistics to forget their
+    # initial values; a 12k-image epoch at batch 256 has 47. With 0.99, BN models validate
+    # badly after one epoch and early stopping kills them for it. 0.9 converges in ~50 steps.
+    return layers.BatchNormalization(momentum=0.9, name=name)
+
+
 def _stem(cfg: Any) -> tuple[keras.KerasTensor, keras.KerasTensor]:
     """Input, normalization and optional augmentation shared by every family."""
     inputs = keras.Input(shape=INPUT_SHAPE, dtype="uint8", name="image")
@@ -56,7 +63,7 @@ def _conv_bn_relu(x, filters: int, kernel: int, cfg: Any, name: str, strides: in
         name=f"{name}_conv",
     )(x)
     if cfg.batch_norm:
-        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        x = _batch_norm(name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
@@ -105,7 +112,7 @@ def build_mlp(cfg: Any) -> keras.Model:
     for i in range(cfg.hidden_layers):
         x = layers.Dense(cfg.units, kernel_regularizer=_l2(cfg), name=f"hidden{i}")(x)
         if cfg.batch_norm:
-            x = layers.BatchNormalization(name=f"hidden{i}_bn")(x)
+            x = _batch_norm(name=f"hidden{i}_bn")(x)
         x = layers.Activation("relu", name=f"hidden{i}_relu")(x)
         if cfg.dropout > 0:
             x = layers.Dropout(cfg.dropout, seed=cfg.seed, name=f"hidden{i}_dropout")(x)
@@ -170,7 +177,7 @@ def build_resnet(cfg: Any) -> keras.Model:
                 kernel_regularizer=_l2(cfg), name=f"{name}_b_conv",
             )(y)
             if cfg.batch_norm:
-                y = layers.BatchNormalization(name=f"{name}_b_bn")(y)
+                y = _batch_norm(name=f"{name}_b_bn")(y)
             if strides != 1 or shortcut.shape[-1] != filters:
                 shortcut = layers.Conv2D(
                     filters, 1, strides=strides, use_bias=False,

@@ -152,9 +152,11 @@ class TrainingRun:
             shuffle=False, verbose=0,
         )
         t1 = time.perf_counter()
-        val = self.model.evaluate(
-            self.x_val, self.y_val, batch_size=cfg.eval_batch_size, verbose=0, return_dict=True
-        )
+        if len(self.x_val):
+            val = self.model.evaluate(self.x_val, self.y_val, batch_size=cfg.eval_batch_size,
+                                      verbose=0, return_dict=True)
+        else:  # a final retrain on train+validation has nothing left to validate on
+            val = {"loss": math.nan, "accuracy": math.nan}
         t2 = time.perf_counter()
         self.epoch += 1
         return {

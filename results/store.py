@@ -118,6 +118,10 @@ class ExperimentStore:
     def exists(self) -> bool:
         return self.fs.get_file_info(_join(self.path, EXPERIMENT_FILE)).type == pafs.FileType.File
 
+    def has_ray_state(self) -> bool:
+        """True once Ray Tune has snapshotted its experiment state (needed to resume)."""
+        return any(i.base_name.startswith("experiment_state") for i in self._list(RAY_DIR))
+
     def folder_exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
 
@@ -142,6 +146,10 @@ class ExperimentStore:
             with self.fs.open_output_stream(tmp) as f:
                 pq.write_table(table, f)
             self.fs.move(tmp, path)
+
+    def write_table(self, table: pa.Table, relative: str) -> None:
+        """Write one named Parquet file inside the experiment (e.g. `final/final.parquet`)."""
+        self._write_atomic(table, _join(self.path, relative))
 
     def _part_path(self, folder: str) -> str:
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
@@ -248,6 +256,19 @@ class ExperimentStore:
         df = pd.concat(frames, ignore_index=True)
         df = df.sort_values(["trial_id", "written_at"], kind="stable")
         return df.drop_duplicates("trial_id", keep="last").reset_index(drop=True)
+
+
+def open_experiment(path: str) -> ExperimentStore:
+    """The experiment at a folder or URI (`runs/vgg-1`, `s3://bucket/runs/vgg-1`)."""
+    path = path.rstrip("/")
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        if "/" not in rest:
+            raise StoreError(f"{path}: expected <root>/<experiment>")
+        root, name = rest.rsplit("/", 1)
+        return ExperimentStore(f"{scheme}://{root}", name)
+    p = Path(path).expanduser().resolve()
+    return ExperimentStore(str(p.parent), p.name)
 
 
 def canonical_epochs(df: pd.DataFrame) -> pd.DataFrame:

@@ -140,6 +140,9 @@ def resolve(argv: list[str]) -> Plan:
         store = ExperimentStore(args.storage, args.name)
         if not store.exists():
             raise UsageError(f"--resume: no experiment {args.name!r} under {args.storage}")
+        if not store.has_ray_state():
+            raise UsageError(f"--resume: {args.name!r} stopped before Ray Tune saved its state; "
+                             "nothing to continue, start it again under a new --name")
         saved = json.loads(store.read_experiment()["settings"])
         for key, value in saved.items():  # the original settings win; only where/how differ
             setattr(args, key.replace("-", "_"), value)
@@ -334,7 +337,10 @@ def experiment_row(plan: Plan, resources: dict[str, Any]) -> dict[str, Any]:
         "scheduler": a.scheduler,
         "scheduler_settings": {"max_t": a.max_epochs, "grace_period": a.grace_period,
                                "reduction_factor": a.reduction_factor, "metric": METRIC,
-                               "mode": MODE},
+                               "mode": MODE,
+                               "rungs": asha_rungs(a.grace_period, a.reduction_factor,
+                                                   a.max_epochs) if a.scheduler == "asha"
+                               else []},
         "searcher": a.searcher,
         "searcher_settings": {"seed": a.seed, "num_samples": a.num_samples,
                               "max_concurrent": a.max_concurrent},

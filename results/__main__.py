@@ -1,0 +1,105 @@
+"""`python -m results {leaderboard,plots,final} RUN [RUN ...]`: analysis from Parquet alone.
+
+Bad input (not an experiment, no finished trial, unknown option) is one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fmnist.data import DataError
+from results import leaderboard as lb
+from results.store import StoreError
+
+
+class UsageError(ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m results", description="Leaderboards, plots and the final test "
+                "evaluation from stored experiments (no Ray needed).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    board = sub.add_parser("leaderboard", help="top-k trials, or a comparison of experiments")
+    board.add_argument("runs", nargs="+", help="experiment folders or URIs")
+    board.add_argument("--top", type=int, default=10, help="rows to show (10)")
+    board.add_argument("--by", choices=sorted(lb.BY), help="compare experiments by this")
+    board.add_argument("--format", choices=("text", "md", "csv"), default="text")
+    board.add_argument("--out", help="also write the table to this file")
+    plot = sub.add_parser("plots", help="learning, anytime, hyperparameter, scheduler plots")
+    plot.add_argument("runs", nargs="+", help="experiment folders or URIs")
+    plot.add_argument("--out", required=True, help="folder for the PNG files")
+    plot.add_argument("--top", type=int, default=5, help="trials in the learning curves (5)")
+    final = sub.add_parser("final", help="retrain the best config on train+validation and "
+                           "evaluate once on the test set")
+    final.add_argument("run", help="experiment folder or URI")
+    group = final.add_mutually_exclusive_group()
+    group.add_argument("--trial", help="evaluate this trial instead of the best one")
+    group.add_argument("--top", type=int, default=1, help="evaluate the best K configurations")
+    final.add_argument("--seeds", type=int, default=3, help="retraining seeds (3)")
+    final.add_argument("--data-dir", help="where the data is now, if it moved since the search")
+    return p
+
+
+def main(argv: list[str] | None = None, out=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = out or sys.stdout
+    try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "top", 1) < 1 or getattr(args, "seeds", 1) < 1:
+            raise UsageError("--top and --seeds must be >= 1")
+        if args.command == "final":
+            from results.final import FinalError, run_final
+
+            try:
+                run_final(args.run, args.trial, args.top, args.seeds, args.data_dir, out=out,
+                          argv=argv)
+            except FinalError as exc:
+                raise UsageError(str(exc)) from None
+            return 0
+        lb.check_experiments(args.runs)
+        exps = lb.load(args.runs)
+        for bad in exps.corrupt:
+            print(f"warning: unreadable part file moved aside: {bad}", file=sys.stderr)
+        if args.command == "leaderboard":
+            table = lb.compare(exps, args.by) if args.by else lb.leaderboard(exps.trials,
+                                                                             args.top)
+            text = lb.format_table(table, args.format)
+            print(text, end="", file=out)
+            if args.out:
+                Path(args.out).write_text(text)
+            return 0
+        from results import plots
+
+        folder = Path(args.out)
+        plots.learning_curves(exps.epochs, exps.trials, folder / "learning_curves.png",
+                              top=args.top)
+        plots.anytime_curves(exps.epochs, folder / "anytime.png")
+        for row in exps.experiments.to_dict("records"):
+            mine = exps.trials[exps.trials["experiment"] == row["experiment"]]
+            suffix = f"_{row['experiment']}" if len(exps.experiments) > 1 else ""
+            drawn = plots.hyperparameter_axes(mine, json.loads(row["space"]),
+                                              folder / f"hyperparameters{suffix}.png")
+            for key, edge in drawn["flags"].items():
+                print(f"{row['experiment']}: best trials sit at the {edge} edge of {key}",
+                      file=out)
+            settings = json.loads(row.get("scheduler_settings") or "{}")
+            plots.scheduler_view(mine, int(row["max_epochs"]), folder / f"scheduler{suffix}.png",
+                                 rungs=settings.get("rungs"))
+        print(f"plots written to {folder}", file=out)
+        return 0
+    except (UsageError, StoreError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

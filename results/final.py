@@ -1,0 +1,263 @@
+"""Final evaluation: retrain the best configuration on train+validation, test once. No Ray.
+
+    python -m results final runs/vgg-1 [--trial ID | --top K] [--seeds 3]
+
+The only code in the project that reads the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from results import leaderboard as lb
+from results import plots
+from results.store import FINAL_DIR, open_experiment
+
+RUNTIME_KEYS = ("intra_op_threads", "inter_op_threads")
+
+
+class FinalError(ValueError):
+    """The experiment cannot be evaluated (not an experiment, nothing finished, data changed)."""
+
+
+def choose(trials: pd.DataFrame, trial_id: str | None, top: int) -> pd.DataFrame:
+    """The trials to retrain: `--trial ID`, else the best `top` finished ones."""
+    finished = trials[trials["status"].isin(lb.FINISHED) & trials["best_val_accuracy"].notna()]
+    if trial_id is not None:
+        picked = trials[trials["trial_id"] == trial_id]
+        if picked.empty:
+            raise FinalError(f"no trial {trial_id!r} in this experiment")
+        if picked["best_val_accuracy"].isna().all():
+            raise FinalError(f"trial {trial_id!r} never finished an epoch")
+        return picked.assign(experiment="", rank=0)
+    if finished.empty:
+        raise FinalError("the experiment has no finished trial to evaluate")
+    return lb.ranked(finished.assign(experiment="")).head(top)
+
+
+def config_for(trial: pd.Series, epochs: int | None = None):
+    from fmnist.train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in lb.params_of(trial).items() if k in known
+              and k not in RUNTIME_KEYS}
+    values["epochs"] = int(epochs or trial["epochs"])
+    return TrainConfig.from_dict(values)
+
+
+def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int = 3,
+              data_dir: str | None = None, out=None, argv: list[str] | None = None
+              ) -> dict[str, Any]:
+    """Retrain, test, and write final/ (final.parquet, model.keras, report.md, PNGs)."""
+    out = out or sys.stdout
+    store = open_experiment(path)
+    if not store.exists():
+        raise FinalError(f"{path} is not an experiment (no experiment.parquet)")
+    experiment = store.read_experiment()
+    trials, epochs = store.read_trials(), store.read_epochs()
+    chosen = choose(trials, trial_id, top)
+
+    # Heavy imports only now: the checks above answer in a second.
+    from fmnist.data import load_splits, load_test
+    from fmnist.evaluate import evaluate
+    from fmnist.train import train
+
+    location = data_dir or experiment["data_location"]
+    splits = load_splits(location, experiment["dataset"], val_size=int(experiment["val_size"]),
+                         train_size=int(experiment["train_size"]),
+                         seed=int(experiment["split_seed"]))
+    if splits.source.fingerprint != experiment["dataset_fingerprint"]:
+        raise FinalError(f"the data at {location} is not the data the search used "
+                         "(fingerprint differs)")
+    x_test, y_test, _ = load_test(location, experiment["dataset"])
+    data = {"x_train": np.concatenate([splits.x_train, splits.x_val]),
+            "y_train": np.concatenate([splits.y_train, splits.y_val]),
+            "x_val": splits.x_val[:0], "y_val": splits.y_val[:0]}
+    final_dir = Path(store.path) / FINAL_DIR
+    final_dir.mkdir(parents=True, exist_ok=True)
+    names = splits.class_names
+
+    rows, per_class, saved = [], [], None
+    for trial in chosen.itertuples(index=False):
+        trial = pd.Series(trial._asdict())
+        base = config_for(trial)
+        for s in range(seeds):
+            cfg = base.replace(seed=base.seed + s)
+            print(f"trial {trial['trial_id']} (rank {trial['rank']}), seed {s + 1}/{seeds}: "
+                  f"{cfg.epochs} epochs on {len(data['y_train']):,} train+validation images",
+                  file=out, flush=True)
+            t0 = time.perf_counter()
+            run = train(cfg, data, on_epoch_end=lambda m, c=cfg: print(
+                f"  epoch {m['epoch']}/{c.epochs}  loss {m['loss']:.4f}  "
+                f"acc {m['accuracy']:.4f}  {m['epoch_time_s']:.1f}s", file=out, flush=True))
+            train_s = time.perf_counter() - t0
+            ev, probs = evaluate(run.model, x_test, y_test, names)
+            print(f"  test accuracy {ev.accuracy:.4f}", file=out, flush=True)
+            rows.append({"trial_id": trial["trial_id"], "rank": int(trial["rank"]),
+                         "seed": cfg.seed, "epochs": cfg.epochs,
+                         "val_accuracy_in_search": float(trial["best_val_accuracy"]),
+                         "test_accuracy": ev.accuracy, "train_time_s": train_s,
+                         "train_images": len(data["y_train"]), "test_images": len(y_test),
+                         "config": json.dumps(cfg.to_dict(), default=list)})
+            if saved is None:  # the first seed of the best configuration is the one kept
+                run.model.save(final_dir / "model.keras")
+                saved = (trial, ev, probs)
+                per_class = [{"trial_id": trial["trial_id"], "seed": cfg.seed, **r}
+                             for r in ev.per_class()]
+    results = pd.DataFrame(rows)
+    pa_table = pa.Table.from_pandas(results, preserve_index=False)
+    store.write_table(pa_table, f"{FINAL_DIR}/final.parquet")
+    store.write_table(pa.Table.from_pylist(per_class), f"{FINAL_DIR}/per_class.parquet")
+
+    trial, ev, probs = saved
+    figures = {
+        "confusion_matrix.png": plots.confusion_heatmap(
+            ev.confusion, names, final_dir / "confusion_matrix.png",
+            title=f"Confusion matrix, test set, trial {trial['trial_id']}"),
+        "misclassified.png": plots.misclassified_grid(x_test, y_test, probs, names,
+                                                      final_dir / "misclassified.png"),
+    }
+    drawn = write_figures(experiment, trials, epochs, final_dir, splits)
+    flags = drawn["hyperparameters.png"]["flags"]
+    summary = summarize(results)
+    report = render_report(experiment, trials, epochs, results, summary, ev, trial, flags,
+                           argv or [])
+    (final_dir / "report.md").write_text(report)
+    print(f"test accuracy {summary['test_accuracy_mean']:.4f} +- "
+          f"{summary['test_accuracy_std']:.4f} over {seeds} seed(s); report: "
+          f"{final_dir / 'report.md'}", file=out, flush=True)
+    return {"summary": summary, "figures": sorted([*figures, *drawn]),
+            "final_dir": str(final_dir)}
+
+
+def summarize(results: pd.DataFrame) -> dict[str, Any]:
+    best = results[results["rank"] == results["rank"].min()]
+    acc = best["test_accuracy"].to_numpy()
+    return {"trial_id": best["trial_id"].iloc[0], "seeds": len(acc),
+            "test_accuracy_mean": float(acc.mean()),
+            "test_accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0}
+
+
+def write_figures(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame,
+                  folder: Path, splits=None) -> dict[str, Any]:
+    """The analysis plots of one experiment, into `folder`; returns what each one drew."""
+    settings = json.loads(experiment.get("scheduler_settings") or "{}")
+    space = json.loads(experiment.get("space") or "{}")
+    drawn = {
+        "learning_curves.png": plots.learning_curves(epochs, trials,
+                                                     folder / "learning_curves.png"),
+        "anytime.png": plots.anytime_curves(epochs.assign(experiment=experiment["name"]),
+                                            folder / "anytime.png"),
+        "hyperparameters.png": plots.hyperparameter_axes(trials, space,
+                                                         folder / "hyperparameters.png"),
+        "scheduler.png": plots.scheduler_view(trials, int(experiment["max_epochs"]),
+                                              folder / "scheduler.png",
+                                              rungs=settings.get("rungs")),
+    }
+    if splits is not None:
+        drawn["dataset.png"] = plots.dataset_overview(splits.x_train, splits.y_train,
+                                                      splits.class_names,
+                                                      folder / "dataset.png")
+    return drawn
+
+
+def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame,
+                  results: pd.DataFrame, summary: dict[str, Any], ev, trial: pd.Series,
+                  flags: dict[str, str], argv: list[str]) -> str:
+    """report.md: leaderboard, plots, final figures, accounting, provenance."""
+    acct = lb.accounting(experiment, trials, epochs)
+    board = lb.leaderboard(trials.assign(experiment=experiment["name"]), top=10)
+    versions = json.loads(experiment.get("versions") or "{}")
+    per_class = pd.DataFrame(ev.per_class()).round(4)
+    by_seed = results[["trial_id", "rank", "seed", "epochs", "val_accuracy_in_search",
+                       "test_accuracy", "train_time_s"]].round(4)
+    lines = [
+        f"# Final evaluation: {experiment['name']}",
+        "",
+        f"Best configuration: trial `{summary['trial_id']}` (family "
+        f"`{trial['family']}`), retrained on train+validation "
+        f"({int(results['train_images'].iloc[0]):,} images) for {int(trial['epochs'])} "
+        f"epochs with {summary['seeds']} seed(s), then evaluated once on the "
+        f"{int(results['test_images'].iloc[0]):,}-image test set.",
+        "",
+        f"**Test accuracy: {summary['test_accuracy_mean']:.4f} +- "
+        f"{summary['test_accuracy_std']:.4f}** (mean +- standard deviation over seeds; "
+        f"best validation accuracy in the search: {float(trial['best_val_accuracy']):.4f}).",
+        "",
+        "## Leaderboard (validation split)",
+        "",
+        lb.format_table(board, "md"),
+        "## Final runs",
+        "",
+        lb.format_table(by_seed, "md"),
+        f"## Per-class scores (trial {summary['trial_id']}, seed {int(results['seed'].iloc[0])},"
+        " the saved `model.keras`)",
+        "",
+        lb.format_table(per_class, "md"),
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "![misclassified test images](misclassified.png)",
+        "",
+        "## Search",
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+        "![anytime curves](anytime.png)",
+        "",
+        "![hyperparameters](hyperparameters.png)",
+        "",
+    ]
+    if flags:
+        lines += ["Ranges to move (the best trials sit at one edge): "
+                  + ", ".join(f"`{k}` ({v})" for k, v in sorted(flags.items())), ""]
+    lines += [
+        "![trials per epoch](scheduler.png)",
+        "",
+        "![dataset](dataset.png)",
+        "",
+        "## Compute",
+        "",
+        f"- trials: {acct['trials']} ({acct['completed']} completed, {acct['stopped_early']} "
+        f"stopped early, {acct['failed']} failed)",
+        f"- trial-epochs run: {acct['trial_epochs']} of "
+        f"{acct['trial_epochs_without_early_stopping']} without early stopping "
+        f"({acct['epochs_saved_fraction']:.0%} saved)",
+        f"- core-seconds in epochs: {acct['core_seconds']:,.0f}; GPU-seconds: "
+        f"{acct['gpu_seconds']:,.0f}",
+        f"- best validation accuracy {acct['best_val_accuracy']} first reached after "
+        f"{acct['best_found_after_s']} s and {acct['best_found_after_trial_epochs']} "
+        "trial-epochs",
+        f"- final retraining: {results['train_time_s'].sum():,.0f} s",
+        "",
+        "## Provenance",
+        "",
+        f"- search: `{experiment.get('command', '')}`",
+        f"- final: `{_cmd(argv)}`",
+        f"- scheduler {experiment['scheduler']}, searcher {experiment['searcher']}, "
+        f"{experiment['num_samples']} samples, max {experiment['max_epochs']} epochs",
+        f"- dataset {experiment['dataset']} at {experiment['data_location']}, fingerprint "
+        f"`{experiment['dataset_fingerprint']}`, split train {experiment['train_size']} / "
+        f"val {experiment['val_size']} (seed {experiment['split_seed']})",
+        f"- git commit `{experiment.get('git_commit', 'unknown')}`",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
+        f"- written {datetime.now(UTC).isoformat(timespec='seconds')} on "
+        f"{platform.node()} (Python {platform.python_version()})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _cmd(argv: list[str]) -> str:
+    return shlex.join([sys.executable, "-m", "results", *argv])

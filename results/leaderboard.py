@@ -1,0 +1,228 @@
+"""Leaderboards, comparisons and compute accounting from stored Parquet. No Ray.
+
+    python -m results leaderboard runs/vgg-1 [runs/vgg-2 ...] [--by searcher] [--format md]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from results.store import PARAM_PREFIX, StoreError, open_experiment
+
+FINISHED = ("completed", "stopped", "budget")
+BY = {"space": "space_name", "searcher": "searcher", "scheduler": "scheduler"}
+
+
+@dataclass
+class Experiments:
+    """One or more experiments read into frames, each row tagged with its `experiment`."""
+
+    experiments: pd.DataFrame  # one row per experiment
+    trials: pd.DataFrame  # one row per trial
+    epochs: pd.DataFrame  # canonical: one row per (experiment, trial, epoch)
+    corrupt: list[str]  # part files that could not be read (moved aside)
+
+
+def load(paths: list[str]) -> Experiments:
+    """Read experiment folders or URIs; raises StoreError for one that is not an experiment."""
+    exps, trials, epochs, corrupt = [], [], [], []
+    for path in paths:
+        store = open_experiment(path)
+        row = store.read_experiment()
+        name = row["name"]
+        if any(e["name"] == name for e in exps):
+            name = f"{name}@{path}"  # two runs of the same name from different roots
+        row["experiment"] = name
+        exps.append(row)
+        t, e = store.read_trials(), store.read_epochs()
+        corrupt += store.corrupt_trials + store.corrupt_epochs
+        trials.append(t.assign(experiment=name))
+        epochs.append(e.assign(experiment=name))
+    return Experiments(
+        experiments=pd.DataFrame(exps),
+        trials=pd.concat(trials, ignore_index=True) if trials else pd.DataFrame(),
+        epochs=pd.concat(epochs, ignore_index=True) if epochs else pd.DataFrame(),
+        corrupt=corrupt,
+    )
+
+
+def varying_params(trials: pd.DataFrame) -> list[str]:
+    """params_* columns whose value differs between trials (the searched ones)."""
+    cols = [c for c in trials.columns if c.startswith(PARAM_PREFIX)]
+    return [c for c in cols if trials[c].astype(str).nunique() > 1]
+
+
+def ranked(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials with a validation score, best first.
+
+    Order: best validation accuracy, then the earlier best epoch (reached with less training),
+    then less training time, then trial id, so equal scores always list the same way.
+    Equal best accuracies share a rank.
+    """
+    scored = trials[trials["best_val_accuracy"].notna()].copy()
+    scored = scored.sort_values(
+        ["best_val_accuracy", "best_epoch", "train_time_s", "experiment", "trial_id"],
+        ascending=[False, True, True, True, True], kind="stable",
+    )
+    scored["rank"] = scored["best_val_accuracy"].rank(method="min", ascending=False).astype(int)
+    return scored.reset_index(drop=True)
+
+
+def leaderboard(trials: pd.DataFrame, top: int = 10) -> pd.DataFrame:
+    """Top-k table: rank, experiment, trial, family, best/last val accuracy, epochs, params."""
+    if "experiment" not in trials:
+        trials = trials.assign(experiment="")
+    board = ranked(trials).head(top)
+    params = varying_params(trials)
+    out = pd.DataFrame({
+        "rank": board["rank"],
+        "experiment": board["experiment"],
+        "trial": board["trial_id"],
+        "family": board["family"],
+        "best_val_accuracy": board["best_val_accuracy"].round(4),
+        "last_val_accuracy": board["last_val_accuracy"].round(4),
+        "best_epoch": board["best_epoch"],
+        "epochs": board["epochs"],
+        "status": board["status"],
+        "time_s": board["train_time_s"].round(1),
+    })
+    for col in params:
+        out[col[len(PARAM_PREFIX):]] = board[col].map(_short)
+    if out["experiment"].nunique() <= 1:
+        out = out.drop(columns="experiment")
+    return out.reset_index(drop=True)
+
+
+def compare(exps: Experiments, by: str) -> pd.DataFrame:
+    """One row per space, searcher or scheduler across the given experiments."""
+    if by not in BY:
+        raise ValueError(f"--by must be one of {', '.join(BY)}")
+    key = BY[by]
+    meta = exps.experiments[["experiment", key]]
+    trials = exps.trials.merge(meta, on="experiment")
+    epochs = exps.epochs.merge(meta, on="experiment")
+    rows = []
+    for value, group in trials.groupby(key, sort=True):
+        scored = group["best_val_accuracy"].dropna()
+        rows.append({
+            by: value,
+            "experiments": group["experiment"].nunique(),
+            "trials": len(group),
+            "best_val_accuracy": round(float(scored.max()), 4) if len(scored) else np.nan,
+            "median_best_val_accuracy": round(float(scored.median()), 4) if len(scored) else
+            np.nan,
+            "trial_epochs": int((epochs[key] == value).sum()),
+            "stopped_early": int((group["status"] == "stopped").sum()),
+            "failed": int((group["status"] == "error").sum()),
+            "train_time_s": round(float(group["train_time_s"].sum()), 1),
+        })
+    return pd.DataFrame(rows).sort_values("best_val_accuracy", ascending=False,
+                                          ignore_index=True)
+
+
+def anytime(epochs: pd.DataFrame) -> pd.DataFrame:
+    """Best validation accuracy so far, per experiment, against wall time and trial-epochs.
+
+    Wall time counts from the start of the experiment's first epoch (its end minus its
+    duration). Vectorized: 500,000 epoch rows take well under a second.
+    """
+    if epochs.empty:
+        return pd.DataFrame(columns=["experiment", "wall_s", "trial_epochs", "best_so_far"])
+    df = epochs[["experiment", "timestamp", "epoch_time_s", "val_accuracy"]].sort_values(
+        ["experiment", "timestamp"], kind="stable")
+    ts = df["timestamp"].astype("int64") / 1e6  # microseconds -> seconds
+    starts = (ts - df["epoch_time_s"].fillna(0)).groupby(df["experiment"]).transform("min")
+    return pd.DataFrame({
+        "experiment": df["experiment"].to_numpy(),
+        "wall_s": (ts - starts).to_numpy(),
+        "trial_epochs": df.groupby("experiment").cumcount().to_numpy() + 1,
+        "best_so_far": df["val_accuracy"].groupby(df["experiment"]).cummax().to_numpy(),
+    })
+
+
+def time_to_target(curve: pd.DataFrame, target: float) -> float | None:
+    """Wall seconds until best-so-far first reaches `target` (None if never)."""
+    hit = curve[curve["best_so_far"] >= target]
+    return float(hit["wall_s"].iloc[0]) if len(hit) else None
+
+
+def accounting(experiment: dict[str, Any], trials: pd.DataFrame,
+               epochs: pd.DataFrame) -> dict[str, Any]:
+    """Compute spent against what running every trial to max_t would have cost."""
+    max_epochs = int(experiment.get("max_epochs") or trials["epochs"].max() or 0)
+    run = int(len(epochs))
+    full = int(len(trials) * max_epochs)
+    cpus = trials["cpus"].fillna(1.0)
+    gpus = trials["gpus"].fillna(0.0)
+    curve = anytime(epochs.assign(experiment=experiment.get("name", "")))
+    best = float(curve["best_so_far"].max()) if len(curve) else float("nan")
+    found = curve[curve["best_so_far"] >= best] if len(curve) else curve
+    return {
+        "trials": int(len(trials)),
+        "completed": int((trials["status"] == "completed").sum()),
+        "stopped_early": int((trials["status"] == "stopped").sum()),
+        "failed": int((trials["status"] == "error").sum()),
+        "trial_epochs": run,
+        "trial_epochs_without_early_stopping": full,
+        "epochs_saved_fraction": round(1 - run / full, 3) if full else 0.0,
+        "core_seconds": round(float((trials["train_time_s"].fillna(0) * cpus).sum()), 1),
+        "gpu_seconds": round(float((trials["train_time_s"].fillna(0) * gpus).sum()), 1),
+        "best_val_accuracy": round(best, 4),
+        "best_found_after_s": round(float(found["wall_s"].iloc[0]), 1) if len(found) else None,
+        "best_found_after_trial_epochs": int(found["trial_epochs"].iloc[0]) if len(found)
+        else None,
+    }
+
+
+def params_of(trial: pd.Series) -> dict[str, Any]:
+    """The TrainConfig values of a stored trial (lists were stored as JSON text)."""
+    out = {}
+    for col, value in trial.items():
+        if not col.startswith(PARAM_PREFIX) or value is None:
+            continue
+        if isinstance(value, float) and np.isnan(value):
+            continue
+        if isinstance(value, str) and value.startswith("["):
+            value = json.loads(value)
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[col[len(PARAM_PREFIX):]] = value
+    return out
+
+
+def format_table(df: pd.DataFrame, fmt: str = "text") -> str:
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "md":
+        cols = list(df.columns)
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        for row in df.itertuples(index=False):
+            lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+        return "\n".join(lines) + "\n"
+    return df.to_string(index=False, formatters={c: _cell for c in df.columns}) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}" \
+            .rstrip("0").rstrip(".")
+    return str(value)
+
+
+def _short(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.3g}")
+    return value
+
+
+def check_experiments(paths: list[str]) -> None:
+    for path in paths:
+        if not open_experiment(path).exists():
+            raise StoreError(f"{path} is not an experiment (no experiment.parquet)")
