@@ -144,17 +144,22 @@ def hyperparameter_axes(trials: pd.DataFrame, space: dict[str, Any] | str, path:
         y = scored["best_val_accuracy"]
         bounds = _range(space[key])
         if bounds is None:  # categorical: one column of points per value
-            labels = sorted(x.astype(str).unique())
+            options = [v for v in space[key].get("choice", space[key].get("grid", []))]
+            labels = [str(v) for v in options] or sorted(x.astype(str).unique())
             pos = x.astype(str).map({v: i for i, v in enumerate(labels)})
             jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(pos))
             ax.scatter(pos + jitter, y, s=14, alpha=0.7)
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
         else:
             ax.scatter(x.astype(float), y, s=14, alpha=0.7)
-            if bounds[2]:
+            low, high, log = bounds
+            if log:
                 ax.set_xscale("log")
-            ax.set_xlim(bounds[0], bounds[1]) if not bounds[2] else ax.set_xlim(
-                bounds[0] / 1.2, bounds[1] * 1.2)
+                ax.set_xlim(low / 1.25, high * 1.25)
+            else:
+                pad = 0.05 * (high - low)
+                ax.set_xlim(low - pad, high + pad)
         title = key
         if key in flags:
             title += f"  [best at {flags[key]} edge]"
@@ -168,7 +173,9 @@ def hyperparameter_axes(trials: pd.DataFrame, space: dict[str, Any] | str, path:
     for ax in list(axes.flat)[len(sampled):]:
         ax.set_visible(False)
     fig.suptitle("Validation accuracy against each hyperparameter", fontsize=12)
-    _save(fig, path)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # keep the suptitle clear of the top row
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
     return {"points": points, "flags": flags}
 
 

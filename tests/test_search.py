@@ -204,3 +204,57 @@ def test_kill_then_resume_completes_without_gaps_or_duplicates(tiny_data_dir, ti
     assert len(merged) == len(before)
     assert (merged["attempt"] >= merged["attempt_before"]).all()
     assert not list((tmp_path / "resume").rglob("*.tmp"))
+
+
+def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir, tiny_space,
+                                                      tmp_path):
+    from results.__main__ import main as results_main
+
+    argv = search_args(tiny_data_dir, tiny_space, tmp_path, "final", "--num-samples", "3",
+                       "--max-epochs", "2")
+    assert run.main(argv, out=io.StringIO()) == 0
+    out = io.StringIO()
+    assert results_main(["final", str(tmp_path / "final"), "--seeds", "2"], out=out) == 0
+    text = out.getvalue()
+    assert "seed 2/2" in text and "epoch 1/" in text and "test accuracy" in text
+    folder = tmp_path / "final" / "final"
+    for name in ("final.parquet", "per_class.parquet", "model.keras", "report.md",
+                 "confusion_matrix.png", "misclassified.png", "learning_curves.png",
+                 "anytime.png", "hyperparameters.png", "scheduler.png", "dataset.png"):
+        assert (folder / name).is_file(), name
+    final = pq.read_table(folder / "final.parquet").to_pandas()
+    trials = ExperimentStore(str(tmp_path), "final").read_trials()
+    best = trials.sort_values("best_val_accuracy", ascending=False).iloc[0]
+    assert len(final) == 2 and set(final["trial_id"]) == {best["trial_id"]}
+    assert (final["test_images"] == 200).all() and (final["train_images"] == 300).all()
+    assert final["test_accuracy"].between(0, 1).all()
+    per_class = pq.read_table(folder / "per_class.parquet").to_pandas()
+    assert len(per_class) == 10 and per_class["support"].sum() == 200
+    import keras
+
+    model = keras.saving.load_model(folder / "model.keras", safe_mode=True)
+    assert model.output_shape == (None, 10)
+    report = (folder / "report.md").read_text()
+    for needle in ("Test accuracy", "![confusion matrix](confusion_matrix.png)",
+                   "trial-epochs run", "fingerprint", "search/run.py", "-m results final"):
+        assert needle in report, needle
+
+
+def test_failing_trials_are_recorded_and_final_refuses(ray_session, tiny_data_dir, tmp_path):
+    from results.__main__ import main as results_main
+
+    space = tmp_path / "broken.yaml"  # valid config, but a VGG of 4 blocks needs 4 conv counts
+    space.write_text("model: vgg\nepochs: 2\nblocks: 4\nconvs_per_block: [1, 2]\n"
+                     "base_filters: {choice: [2, 4]}\n")
+    out = io.StringIO()
+    code = run.main(search_args(tiny_data_dir, space, tmp_path, "broken", "--num-samples", "2",
+                                "--max-failures", "0"), out=out)
+    assert code == 1
+    trials = ExperimentStore(str(tmp_path), "broken").read_trials()
+    assert len(trials) == 2 and set(trials["status"]) == {"error"}
+    assert trials["error"].str.contains("convs_per_block has 2 entries but blocks=4").all()
+    assert trials["stop_reason"].str.startswith("error at epoch 1").all()
+    proc = subprocess.run([sys.executable, "-m", "results", "final", str(tmp_path / "broken")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no finished trial" in proc.stderr
+    assert results_main(["final", str(tmp_path / "broken")], out=io.StringIO()) == 2

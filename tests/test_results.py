@@ -1,0 +1,178 @@
+"""Offline analysis on synthetic Parquet experiments (no training, no Ray)."""
+
+import io
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from results import leaderboard as lb
+from results import plots
+from results.__main__ import main as results_main
+from results.store import ExperimentStore, canonical_epochs
+from results.synthetic import write_synthetic
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def two(tmp_path):
+    a = write_synthetic(str(tmp_path), "exp-a", trials=40, max_epochs=9, seed=1,
+                        searcher="random")
+    b = write_synthetic(str(tmp_path), "exp-b", trials=30, max_epochs=9, seed=2,
+                        searcher="optuna")
+    return tmp_path, a, b
+
+
+def test_leaderboard_orders_by_best_accuracy(two):
+    root, a, _ = two
+    exps = lb.load([str(root / "exp-a")])
+    board = lb.leaderboard(exps.trials, top=5)
+    assert len(board) == 5
+    assert board["best_val_accuracy"].is_monotonic_decreasing
+    truth = exps.trials.sort_values("best_val_accuracy", ascending=False)["trial_id"].head(5)
+    assert board["trial"].tolist() == truth.tolist()
+    assert {"learning_rate", "dropout", "batch_size"} <= set(board.columns)
+    assert "model" not in board.columns  # fixed params are not "key" params
+
+
+def test_ties_share_a_rank_and_break_deterministically():
+    t = pd.DataFrame({
+        "trial_id": ["c", "a", "b", "d"], "family": "mlp", "status": "completed",
+        "best_val_accuracy": [0.9, 0.9, 0.9, 0.8], "best_epoch": [3, 5, 3, 1],
+        "last_val_accuracy": 0.8, "epochs": 5, "train_time_s": [20.0, 10.0, 10.0, 5.0],
+    })
+    board = lb.leaderboard(t, top=4)
+    # Equal accuracy: the earlier best epoch first, then less time, then trial id.
+    assert board["trial"].tolist() == ["b", "c", "a", "d"]
+    assert board["rank"].tolist() == [1, 1, 1, 4]
+
+
+def test_canonical_view_keeps_latest_attempt():
+    ts = pd.Timestamp("2026-01-01", tz="UTC")
+    raw = pd.DataFrame({
+        "trial_id": ["t", "t", "t", "t"], "epoch": [1, 2, 2, 3], "attempt": [0, 0, 1, 1],
+        "timestamp": [ts, ts + pd.Timedelta(1, "s"), ts + pd.Timedelta(5, "s"),
+                      ts + pd.Timedelta(6, "s")],
+        "val_accuracy": [0.1, 0.2, 0.25, 0.3],
+    })
+    view = canonical_epochs(raw.sample(frac=1, random_state=0))
+    assert view["epoch"].tolist() == [1, 2, 3]
+    assert view.loc[view["epoch"] == 2, "val_accuracy"].item() == 0.25
+
+
+def test_store_dedups_re_reported_epochs(tmp_path):
+    store = ExperimentStore(str(tmp_path), "e")
+    now = datetime.now(UTC)
+    row = dict(trial_id="t1", epoch=1, attempt=0, timestamp=now, val_accuracy=0.5)
+    store.append_epochs([row, {**row, "epoch": 2, "val_accuracy": 0.6}])
+    store.append_epochs([{**row, "epoch": 2, "attempt": 1, "val_accuracy": 0.65}])
+    assert len(store.read_epochs(canonical=False)) == 3
+    view = store.read_epochs()
+    assert view["val_accuracy"].tolist() == [0.5, 0.65]
+
+
+def test_compare_two_experiments_by_searcher(two):
+    root, _, _ = two
+    exps = lb.load([str(root / "exp-a"), str(root / "exp-b")])
+    table = lb.compare(exps, "searcher")
+    assert set(table["searcher"]) == {"random", "optuna"}
+    for row in table.itertuples():
+        mine = exps.trials[exps.trials["experiment"] == ("exp-a" if row.searcher == "random"
+                                                         else "exp-b")]
+        assert row.trials == len(mine)
+        assert row.best_val_accuracy == pytest.approx(mine["best_val_accuracy"].max(), abs=1e-4)
+        assert row.trial_epochs == mine["epochs"].sum()
+    both = lb.leaderboard(exps.trials, top=10)
+    assert set(both["experiment"]) <= {"exp-a", "exp-b"}
+
+
+def test_anytime_curve_is_monotone_and_counts_epochs(two):
+    root, _, _ = two
+    exps = lb.load([str(root / "exp-a"), str(root / "exp-b")])
+    curve = lb.anytime(exps.epochs)
+    for name, group in curve.groupby("experiment"):
+        assert group["best_so_far"].is_monotonic_increasing
+        assert group["trial_epochs"].tolist() == list(range(1, len(group) + 1))
+        mine = exps.epochs[exps.epochs["experiment"] == name]
+        assert group["best_so_far"].iloc[-1] == pytest.approx(mine["val_accuracy"].max())
+        assert group["wall_s"].min() >= 0
+
+
+def test_boundary_flagging(tmp_path):
+    # Accuracy peaks at lr=0.1, the top of the range: the best trials sit at the high edge.
+    write_synthetic(str(tmp_path), "edge", trials=60, max_epochs=3, seed=0, best_lr=0.2,
+                    stopped_fraction=0.0)
+    write_synthetic(str(tmp_path), "inside", trials=60, max_epochs=3, seed=0, best_lr=3e-3,
+                    stopped_fraction=0.0)
+    edge, inside = lb.load([str(tmp_path / "edge")]), lb.load([str(tmp_path / "inside")])
+    space = json.loads(edge.experiments["space"].iloc[0])
+    assert plots.edge_flags(edge.trials, space) == {"learning_rate": "high"}
+    assert "learning_rate" not in plots.edge_flags(inside.trials, space)
+
+
+def test_each_plot_is_written_with_its_data(two, tmp_path):
+    root, _, _ = two
+    exps = lb.load([str(root / "exp-a"), str(root / "exp-b")])
+    out = tmp_path / "png"
+    drawn = plots.learning_curves(exps.epochs, exps.trials, out / "lc.png", top=3)
+    best3 = lb.ranked(exps.trials).head(3)["trial_id"].tolist()
+    assert list(drawn) == best3
+    for trial_id, frame in drawn.items():
+        assert frame["epoch"].tolist() == list(range(1, len(frame) + 1))
+    curve = plots.anytime_curves(exps.epochs, out / "anytime.png")
+    assert set(curve["experiment"]) == {"exp-a", "exp-b"}
+    mine = exps.trials[exps.trials["experiment"] == "exp-a"]
+    axes = plots.hyperparameter_axes(mine, exps.experiments["space"].iloc[0], out / "hp.png")
+    assert set(axes["points"]) == {"learning_rate", "dropout", "batch_size"}
+    assert len(axes["points"]["dropout"]) == len(mine)
+    reached = plots.scheduler_view(mine, 9, out / "sched.png", rungs=[1, 3])
+    assert reached.loc[1] == len(mine) and reached.loc[9] == (mine["epochs"] == 9).sum()
+    assert reached.is_monotonic_decreasing
+    x = np.random.default_rng(0).integers(0, 255, (50, 28, 28), dtype=np.uint8)
+    y = np.repeat(np.arange(10), 5).astype(np.uint8)
+    overview = plots.dataset_overview(x, y, tuple("abcdefghij"), out / "data.png")
+    assert overview["counts"].tolist() == [5] * 10
+    np.testing.assert_allclose(overview["means"][3], x[y == 3].mean(axis=0))
+    for name in ("lc", "anytime", "hp", "sched", "data"):
+        path = out / f"{name}.png"
+        assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_accounting(two):
+    root, a, _ = two
+    exps = lb.load([str(root / "exp-a")])
+    row = exps.experiments.iloc[0].to_dict()
+    acct = lb.accounting(row, exps.trials, exps.epochs)
+    assert acct["trials"] == 40 and acct["trial_epochs"] == exps.trials["epochs"].sum()
+    assert acct["trial_epochs_without_early_stopping"] == 40 * 9
+    assert 0 < acct["epochs_saved_fraction"] < 1
+    assert acct["core_seconds"] == pytest.approx(exps.trials["train_time_s"].sum())
+    assert acct["best_val_accuracy"] == pytest.approx(exps.trials["best_val_accuracy"].max(),
+                                                      abs=1e-4)
+
+
+def test_cli_leaderboard_formats(two, tmp_path):
+    root, _, _ = two
+    out = io.StringIO()
+    assert results_main(["leaderboard", str(root / "exp-a"), "--top", "3", "--format", "md",
+                         "--out", str(tmp_path / "b.md")], out=out) == 0
+    md = out.getvalue().splitlines()
+    assert md[0].startswith("| rank | trial |") and len(md) == 5
+    out = io.StringIO()
+    assert results_main(["leaderboard", str(root / "exp-a"), str(root / "exp-b"), "--by",
+                         "searcher", "--format", "csv"], out=out) == 0
+    frame = pd.read_csv(io.StringIO(out.getvalue()))
+    assert set(frame["searcher"]) == {"random", "optuna"}
+
+
+def test_cli_on_a_folder_that_is_not_an_experiment(tmp_path):
+    for argv in (["leaderboard", str(tmp_path)], ["final", str(tmp_path)]):
+        out = subprocess.run([sys.executable, "-m", "results", *argv], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2
+        assert out.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert "not an experiment" in out.stderr and "Traceback" not in out.stderr
