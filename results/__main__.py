@@ -94,6 +94,17 @@ def main(argv: list[str] | None = None, out=None) -> int:
             settings = json.loads(row.get("scheduler_settings") or "{}")
             plots.scheduler_view(mine, int(row["max_epochs"]), folder / f"scheduler{suffix}.png",
                                  rungs=settings.get("rungs"))
+        first = exps.experiments.iloc[0]
+        try:  # the EDA overview needs the images; the search's training split, never the test
+            from fmnist.data import load_splits
+
+            splits = load_splits(first["data_location"], first["dataset"],
+                                 val_size=int(first["val_size"]),
+                                 train_size=int(first["train_size"]), seed=int(first["split_seed"]))
+            plots.dataset_overview(splits.x_train, splits.y_train, splits.class_names,
+                                   folder / "dataset.png")
+        except (DataError, ValueError, OSError) as exc:
+            print(f"dataset overview skipped: {exc}", file=sys.stderr)
         print(f"plots written to {folder}", file=out)
         return 0
     except (UsageError, StoreError, DataError) as exc:

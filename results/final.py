@@ -182,7 +182,8 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
     versions = json.loads(experiment.get("versions") or "{}")
     per_class = pd.DataFrame(ev.per_class()).round(4)
     by_seed = results[["trial_id", "rank", "seed", "epochs", "val_accuracy_in_search",
-                       "test_accuracy", "train_time_s"]].round(4)
+                       "test_accuracy", "train_time_s"]].round(
+        {"val_accuracy_in_search": 4, "test_accuracy": 4, "train_time_s": 1})
     lines = [
         f"# Final evaluation: {experiment['name']}",
         "",

@@ -56,7 +56,7 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, path: Path,
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    ax_acc.legend(fontsize=8, loc="lower right")
+    ax_acc.legend(fontsize=8, loc="best")
     _save(fig, path)
     return drawn
 
@@ -209,22 +209,31 @@ def dataset_overview(x: np.ndarray, y: np.ndarray, class_names: tuple[str, ...],
     for c in range(k):
         idx = np.flatnonzero(y == c)
         picks = rng.choice(idx, min(per_class, len(idx)), replace=False) if len(idx) else []
-        for j, i in enumerate(picks):
+        for j in range(per_class):
             ax = fig.add_subplot(grid[c, j])
-            ax.imshow(x[i], cmap="gray_r")
-            ax.axis("off")
+            if j < len(picks):
+                ax.imshow(x[picks[j]], cmap="gray_r")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if j == 0:  # the row's class name, aligned with its images
+                ax.set_ylabel(class_names[c], rotation=0, ha="right", va="center", fontsize=9)
         ax = fig.add_subplot(grid[c, per_class + 1])
         ax.imshow(means[c], cmap="gray_r")
         ax.axis("off")
-        fig.text(0.005, 1 - (c + 0.55) / k * 0.93 - 0.04, class_names[c], fontsize=9)
+        if c == 0:
+            ax.set_title("mean", fontsize=9)
     ax = fig.add_subplot(grid[:, per_class + 2])
-    ax.barh(range(k), counts, color="steelblue")
-    ax.set_yticks(range(k), class_names, fontsize=9)
-    ax.invert_yaxis()
+    bars = ax.barh(range(k), counts, color="steelblue")
+    ax.bar_label(bars, fontsize=8, padding=2)
+    ax.set_yticks(range(k), [""] * k)  # rows line up with the class names on the left
+    ax.set_ylim(k - 0.5, -0.5)
+    ax.set_xlim(0, counts.max() * 1.2 if counts.max() else 1)
     ax.set(title="Images per class", xlabel="images")
     fig.suptitle(f"Dataset overview: {per_class} samples per class, mean image per class, "
                  f"class counts ({len(y):,} images)", fontsize=12)
-    fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.06, wspace=0.1)
+    fig.subplots_adjust(left=0.1, right=0.98, top=0.92, bottom=0.07, wspace=0.1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -121,7 +121,7 @@ def test_each_plot_is_written_with_its_data(two, tmp_path):
     drawn = plots.learning_curves(exps.epochs, exps.trials, out / "lc.png", top=3)
     best3 = lb.ranked(exps.trials).head(3)["trial_id"].tolist()
     assert list(drawn) == best3
-    for trial_id, frame in drawn.items():
+    for frame in drawn.values():
         assert frame["epoch"].tolist() == list(range(1, len(frame) + 1))
     curve = plots.anytime_curves(exps.epochs, out / "anytime.png")
     assert set(curve["experiment"]) == {"exp-a", "exp-b"}
