@@ -2,7 +2,8 @@
 
     python bench/analysis_scale.py [--trials 10000] [--epochs 50]
 
-All 50 epochs for every trial (500,000 epoch rows), written in the real Parquet layout, then
+All 50 epochs for every trial (500,000 epoch rows), written in the real Parquet layout as
+1,000 part files (as a long search's periodic flushes leave them), then
 timed: reading the canonical views, the leaderboard and the anytime curve. Prints one JSON line
 and appends it to bench/results/analysis_scale.jsonl. Target: a few seconds.
 """
@@ -26,10 +27,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10_000)
     parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--parts", type=int, default=1000,
+                        help="epoch part files, as the recorder's periodic flushes leave them")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
-        write_synthetic(root, "scale", args.trials, args.epochs, stopped_fraction=0.0)
+        write_synthetic(root, "scale", args.trials, args.epochs, stopped_fraction=0.0,
+                        parts=args.parts)
         write_s = time.perf_counter() - t0
         path = str(Path(root) / "scale")
         t0 = time.perf_counter()
@@ -42,7 +46,8 @@ def main() -> None:
         curve = lb.anytime(exps.epochs)
         anytime_s = time.perf_counter() - t0
     summary = {
-        "bench": "analysis_scale", "trials": args.trials, "epoch_rows": len(exps.epochs),
+        "bench": "analysis_scale", "trials": args.trials, "parts": args.parts,
+        "epoch_rows": len(exps.epochs),
         "write_s": round(write_s, 2), "load_s": round(load_s, 2),
         "leaderboard_s": round(board_s, 3), "anytime_s": round(anytime_s, 3),
         "load_plus_leaderboard_s": round(load_s + board_s, 2),

@@ -218,19 +218,24 @@ class ExperimentStore:
         return sorted((i for i in self._list(folder) if i.base_name.endswith(".parquet")
                        and QUARANTINE_DIR not in i.path), key=lambda i: i.path)
 
-    def _read_parts(self, folder: str) -> tuple[list[pd.DataFrame], list[str]]:
+    def _read_parts(self, folder: str) -> tuple[pd.DataFrame | None, list[str]]:
         """Read every part; unreadable ones (torn, zero-byte) are moved aside and reported."""
-        frames, bad = [], []
+        tables, bad = [], []
         for info in self._parts(folder):
             try:
                 with self.fs.open_input_file(info.path) as f:
-                    frames.append(pq.read_table(f).to_pandas())
+                    tables.append(pq.read_table(f))
             except (pa.ArrowInvalid, OSError) as exc:
                 bad.append(f"{info.path}: {exc}")
                 aside = _join(self.path, QUARANTINE_DIR, folder, info.base_name)
                 self.fs.create_dir(aside.rsplit("/", 1)[0], recursive=True)
                 self.fs.move(info.path, aside)
-        return frames, bad
+        if not tables:
+            return None, bad
+        try:  # one conversion to pandas is much faster than one per part
+            return pa.concat_tables(tables, promote_options="permissive").to_pandas(), bad
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # e.g. a param stored as int, then text
+            return pd.concat([t.to_pandas() for t in tables], ignore_index=True), bad
 
     def read_experiment(self) -> dict[str, Any]:
         if not self.exists():
@@ -240,20 +245,18 @@ class ExperimentStore:
 
     def read_epochs(self, canonical: bool = True) -> pd.DataFrame:
         """Epoch rows; canonical: one per (trial_id, epoch), the latest attempt."""
-        frames, self.corrupt_epochs = self._read_parts(EPOCHS_DIR)
-        if not frames:
+        df, self.corrupt_epochs = self._read_parts(EPOCHS_DIR)
+        if df is None:
             return EPOCH_SCHEMA.empty_table().to_pandas()
-        df = pd.concat(frames, ignore_index=True)
         if canonical:
             df = canonical_epochs(df)
         return df
 
     def read_trials(self) -> pd.DataFrame:
         """Trial rows, one per trial_id (the latest written)."""
-        frames, self.corrupt_trials = self._read_parts(TRIALS_DIR)
-        if not frames:
+        df, self.corrupt_trials = self._read_parts(TRIALS_DIR)
+        if df is None:
             return pa.schema(TRIAL_COLUMNS).empty_table().to_pandas()
-        df = pd.concat(frames, ignore_index=True)
         df = df.sort_values(["trial_id", "written_at"], kind="stable")
         return df.drop_duplicates("trial_id", keep="last").reset_index(drop=True)
 

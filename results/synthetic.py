@@ -21,7 +21,8 @@ SPACE = {"model": "cnn", "epochs": 50, "learning_rate": {"loguniform": [1e-4, 1e
 
 def write_synthetic(root: str, name: str, trials: int, max_epochs: int, seed: int = 0,
                     best_lr: float = 3e-3, searcher: str = "random", scheduler: str = "asha",
-                    space_name: str = "cnn", stopped_fraction: float = 0.7) -> ExperimentStore:
+                    space_name: str = "cnn", stopped_fraction: float = 0.7,
+                    parts: int = 1) -> ExperimentStore:
     """Write an experiment of `trials` trials; most stop early, as under ASHA."""
     rng = np.random.default_rng(seed)
     store = ExperimentStore(root, name)
@@ -47,8 +48,11 @@ def write_synthetic(root: str, name: str, trials: int, max_epochs: int, seed: in
         "lr": lr[trial_idx], "epoch_time_s": 10.0, "train_time_s": 9.0, "samples_per_s": 1000.0,
         "node": "node-a", "node_ip": "127.0.0.1", "gpu_ids": "", "data_sha256": "x",
     })
-    store.write_table(pa.Table.from_pandas(epochs, schema=EPOCH_SCHEMA, preserve_index=False),
-                      "epochs/part-synthetic.parquet")
+    # The recorder writes one part per flush; `parts` mimics that many files.
+    for i, chunk in enumerate(np.array_split(np.arange(len(epochs)), parts)):
+        table = pa.Table.from_pandas(epochs.iloc[chunk], schema=EPOCH_SCHEMA,
+                                     preserve_index=False)
+        store.write_table(table, f"epochs/part-synthetic-{i:06d}.parquet")
     best_epoch = epochs.loc[epochs.groupby("trial_id")["val_accuracy"].idxmax()]
     last = epochs.groupby("trial_id").tail(1)
     rows = pd.DataFrame({
