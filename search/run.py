@@ -48,6 +48,7 @@ SEARCHERS = ("random", "optuna", "hyperopt", "grid")
 QUICK = {"num_samples": 8, "max_epochs": 4, "train_size": 12_000, "time_budget": 14 * 60}
 FULL = {"num_samples": 64, "max_epochs": None, "train_size": None, "time_budget": None}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+ADDRESS_RE = re.compile(r"^(auto|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d+)$")
 VERSIONED = ("tensorflow", "keras", "ray", "optuna", "hyperopt", "numpy", "pandas", "pyarrow")
 
 
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
       "local Ray")
     a("--storage", default="runs", help="results root: a folder or a URI pyarrow accepts "
       "(s3://bucket/path, gs://...); default ./runs")
+    a("--shared-storage", action="store_true",
+      help="the local --storage folder is shared by every node (NFS); needed for a plain "
+      "folder on a cluster of several machines")
     a("--name", help="experiment name (folder under --storage); default <space>-<time>")
     a("--resume", action="store_true",
       help="continue the interrupted experiment --name with its original settings")
@@ -124,13 +128,15 @@ def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("space", "set", "full", "scheduler", "searcher", "num_samples", "max_epochs",
             "grace_period", "reduction_factor", "cpus_per_trial", "gpus_per_trial",
             "max_concurrent", "max_failures", "time_budget", "seed", "train_size", "val_size",
-            "dataset", "data_dir")
+            "dataset", "data_dir", "shared_storage")
     return {k: getattr(args, k) for k in keys}
 
 
 def resolve(argv: list[str]) -> Plan:
     """Parse and check everything. Raises UsageError with a one-line message."""
     args = build_parser().parse_args(argv)
+    if args.address is not None and not ADDRESS_RE.match(args.address):
+        raise UsageError(f"--address {args.address!r}: use auto, HOST:PORT or ray://HOST:PORT")
     if args.name is not None and not NAME_RE.match(args.name):
         raise UsageError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only "
                          "(no path separators)")
@@ -289,6 +295,28 @@ def start_ray(args: argparse.Namespace) -> bool:
     return True
 
 
+def storage_problem(hosts: set[str], storage: str, shared: bool) -> str | None:
+    """Why `storage` cannot hold a search whose trials run on `hosts`, or None.
+
+    Ray Tune no longer copies trial checkpoints to the head node: each worker writes them to
+    `--storage` as it sees it, so a folder on one machine's disk would scatter them.
+    """
+    if len(hosts) > 1 and "://" not in storage and not shared:
+        return (f"--storage {storage} is a local folder but the cluster spans {len(hosts)} "
+                "machines; use a bucket (s3://, gs://) or a folder shared by every node and say "
+                "so with --shared-storage")
+    return None
+
+
+def check_storage_reaches_all_nodes(args: argparse.Namespace) -> None:
+    import ray
+
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    problem = storage_problem(hosts, args.storage, args.shared_storage)
+    if problem:
+        raise UsageError(problem)
+
+
 def make_scheduler(args: argparse.Namespace):
     from ray.tune.schedulers import (
         ASHAScheduler,
@@ -375,6 +403,7 @@ def run_search(plan: Plan, out=None) -> int:
     a = plan.args
     started_here = start_ray(a)
     try:
+        check_storage_reaches_all_nodes(a)
         resources = {k: v for k, v in ray.cluster_resources().items()
                      if k in ("CPU", "GPU", "memory") or k.startswith("accelerator")}
         resources["nodes"] = len([n for n in ray.nodes() if n.get("Alive")])
@@ -475,7 +504,11 @@ def main(argv: list[str] | None = None, out=None) -> int:
         print(describe(plan, os.cpu_count() if not plan.args.address else None),
               file=out or sys.stdout)
         return 0
-    return run_search(plan, out)
+    try:
+        return run_search(plan, out)
+    except UsageError as exc:  # found once connected to the cluster, before anything is written
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
