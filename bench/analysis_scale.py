@@ -11,13 +11,15 @@ and appends it to bench/results/analysis_scale.jsonl. Target: a few seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import emit  # noqa: E402
 
 from results import leaderboard as lb  # noqa: E402
 from results.synthetic import write_synthetic  # noqa: E402
@@ -55,11 +57,7 @@ def main() -> None:
         "best": float(board["best_val_accuracy"].iloc[0]), "curve_points": len(curve),
         "time": time.time(),
     }
-    print(json.dumps(summary))
-    out = Path(__file__).parent / "results" / "analysis_scale.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(summary) + "\n")
+    emit("analysis_scale", summary)
 
 
 if __name__ == "__main__":

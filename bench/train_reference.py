@@ -8,13 +8,15 @@ Prints one line per epoch and a one-line JSON summary, appended to bench/results
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import emit  # noqa: E402
 
 from fmnist.data import load_splits  # noqa: E402
 from fmnist.train import TrainConfig, train  # noqa: E402
@@ -46,11 +48,7 @@ def main() -> None:
         "train_images_per_s": round(sum(m["train_samples_per_s"] for m in epochs) / len(epochs)),
         "wall_s": round(wall, 1), "machine": platform.machine(), "time": time.time(),
     }
-    print(json.dumps(summary))
-    out = Path(__file__).parent / "results" / "reference.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(summary) + "\n")
+    emit("reference", summary)
 
 
 if __name__ == "__main__":
