@@ -117,5 +117,9 @@ class FMNISTTrainable(tune.Trainable):
         self._training.restore(checkpoint)
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
+        # A reused worker keeps TensorFlow loaded; only the previous trial's graph state goes.
+        import keras
+
+        keras.backend.clear_session()
         self._build(new_config)
         return True

@@ -176,3 +176,14 @@ def test_cli_on_a_folder_that_is_not_an_experiment(tmp_path):
         assert out.returncode == 2
         assert out.stderr.strip().splitlines()[-1].startswith("error: ")
         assert "not an experiment" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_analysis_and_training_code_never_import_ray():
+    code = ("import sys\n"
+            "import fmnist.data, fmnist.models, fmnist.train, fmnist.evaluate\n"
+            "import results.store, results.leaderboard, results.plots, results.final\n"
+            "import results.__main__\n"
+            "sys.exit(1 if 'ray' in sys.modules else 0)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, "ray was imported: " + out.stderr[-500:]
