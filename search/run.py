@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset", default="fashion_mnist", help="fashion_mnist or mnist (MNIST-format folder)")
     a("--data-dir", help="folder with the four IDX files (else FMNIST_DATA_DIR, the Debian "
       "package folder, the Keras cache)")
+    a("--verify-data", action="store_true",
+      help="check the data files' sha256 against the known Fashion-MNIST fingerprints")
     a("--address", help="Ray cluster: auto, host:port or ray://host:port; default: an embedded "
       "local Ray")
     a("--storage", default="runs", help="results root: a folder or a URI pyarrow accepts "
@@ -128,7 +130,7 @@ def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("space", "set", "full", "scheduler", "searcher", "num_samples", "max_epochs",
             "grace_period", "reduction_factor", "cpus_per_trial", "gpus_per_trial",
             "max_concurrent", "max_failures", "time_budget", "seed", "train_size", "val_size",
-            "dataset", "data_dir", "shared_storage")
+            "dataset", "data_dir", "shared_storage", "verify_data")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -193,7 +195,7 @@ def resolve(argv: list[str]) -> Plan:
                          f"--searcher grid or random, not {args.searcher}")
     resolve_data_dir(args.data_dir, args.dataset)  # a clear error for a missing folder first
     splits = load_splits(args.data_dir, args.dataset, val_size=args.val_size,
-                         train_size=args.train_size, seed=args.seed)
+                         train_size=args.train_size, seed=args.seed, verify=args.verify_data)
     if not args.resume:
         name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
         store = ExperimentStore(args.storage, name)

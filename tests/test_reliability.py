@@ -1,0 +1,91 @@
+"""Torn writes and bad data files: nothing half-written is read, nothing starts on bad data."""
+
+import gzip
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from fmnist.data import write_idx
+from results.store import ExperimentStore
+from tests.conftest import REPO, search_args, write_dataset
+
+
+def _rows(n, trial="t1"):
+    now = datetime.now(UTC)
+    return [dict(trial_id=trial, epoch=e, attempt=0, timestamp=now, val_accuracy=e / 10)
+            for e in range(1, n + 1)]
+
+
+def test_leftover_tmp_files_are_ignored_then_swept(tmp_path):
+    store = ExperimentStore(str(tmp_path), "e")
+    store.append_epochs(_rows(3))
+    folder = tmp_path / "e" / "epochs"
+    # A writer killed mid-write leaves a partial *.tmp; one killed after fsync but before the
+    # rename leaves a complete one. Neither is part of the data set until renamed.
+    good = next(folder.glob("*.parquet")).read_bytes()
+    (folder / "part-killed-mid-write.parquet.tmp").write_bytes(good[: len(good) // 2])
+    (folder / "part-killed-before-rename.parquet.tmp").write_bytes(good)
+    assert len(store.read_epochs()) == 3
+    removed = store.sweep_tmp()
+    assert len(removed) == 2 and not list(folder.glob("*.tmp"))
+    assert len(store.read_epochs()) == 3
+
+
+@pytest.mark.parametrize("damage", ["zero-byte", "truncated"])
+def test_damaged_part_is_reported_and_moved_aside(tmp_path, damage):
+    store = ExperimentStore(str(tmp_path), "e")
+    store.append_epochs(_rows(2, "a"))
+    store.append_epochs(_rows(3, "b"))
+    folder = tmp_path / "e" / "epochs"
+    victim = sorted(folder.glob("*.parquet"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(b"" if damage == "zero-byte" else data[:-20])
+    view = store.read_epochs()
+    assert len(store.corrupt_epochs) == 1 and victim.name in store.corrupt_epochs[0]
+    assert not victim.exists()
+    assert (tmp_path / "e" / "_corrupt" / "epochs" / victim.name).exists()
+    assert len(view) in (2, 3) and view["trial_id"].nunique() == 1  # the other part reads
+    assert store.read_epochs().equals(view)  # and keeps reading the same afterwards
+
+
+def _corrupt_magic(folder):
+    path = folder / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(b"\x00\x00\x07\x03" + raw[4:]))
+
+
+def _truncate_gzip(folder):
+    path = folder / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def _count_mismatch(folder):
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(599, np.uint8))
+
+
+@pytest.mark.parametrize(
+    "damage,extra,match",
+    [(_truncate_gzip, [], "corrupt or truncated gzip"),
+     (_corrupt_magic, [], "wrong magic number"),
+     (_count_mismatch, [], "count mismatch"),
+     (lambda folder: None, ["--verify-data"], "fingerprint mismatch")],
+)
+def test_bad_data_stops_the_search_before_ray(tmp_path, tiny_space, damage, extra, match):
+    data = write_dataset(tmp_path / "data", 600, 200)
+    damage(data)
+    argv = search_args(data, tiny_space, tmp_path / "runs", "bad-data", *extra)
+    code = ("import sys; from search import run\n"
+            "rc = run.main(sys.argv[1:])\n"
+            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)\n")
+    out = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env={**os.environ})
+    assert out.returncode == 2
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and match in line
+    assert str(data) in line  # names the file or folder
+    assert "NO_RAY" in out.stdout
+    assert not (tmp_path / "runs").exists()
