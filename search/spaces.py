@@ -64,9 +64,6 @@ class Space:
     def grid_keys(self) -> list[str]:
         return [k for k, d in self.dists.items() if d.kind == "grid"]
 
-    def grid_size(self) -> int:
-        return math.prod(len(self.dists[k].args) for k in self.grid_keys)
-
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.fixed)
         out.update({k: {d.kind: list(d.args)} for k, d in self.dists.items()})
