@@ -258,3 +258,18 @@ def test_failing_trials_are_recorded_and_final_refuses(ray_session, tiny_data_di
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no finished trial" in proc.stderr
     assert results_main(["final", str(tmp_path / "broken")], out=io.StringIO()) == 2
+
+
+def test_one_failing_trial_does_not_stop_the_others(ray_session, tiny_data_dir, tmp_path):
+    space = tmp_path / "mixed.yaml"  # blocks=5 cannot be built on 28x28 images; blocks=1 can
+    space.write_text("model: cnn\nepochs: 2\nbase_filters: 4\ndense_units: 8\n"
+                     "blocks: {grid: [1, 5]}\n")
+    out = io.StringIO()
+    code = run.main(search_args(tiny_data_dir, space, tmp_path, "mixed", "--searcher", "grid",
+                                "--num-samples", "1", "--max-failures", "0", "--scheduler",
+                                "fifo"), out=out)
+    assert code == 1  # the exit code says some trials failed
+    trials = ExperimentStore(str(tmp_path), "mixed").read_trials().set_index("params_blocks")
+    assert trials.loc[5, "status"] == "error"
+    assert "blocks must be between 1 and 4" in trials.loc[5, "error"]
+    assert trials.loc[1, "status"] == "completed" and trials.loc[1, "epochs"] == 2
