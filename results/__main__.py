@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None, out=None) -> int:
             except FinalError as exc:
                 raise UsageError(str(exc)) from None
             return 0
-        lb.check_experiments(args.runs)
         exps = lb.load(args.runs)
         for bad in exps.corrupt:
             print(f"warning: unreadable part file moved aside: {bad}", file=sys.stderr)
@@ -96,11 +95,9 @@ def main(argv: list[str] | None = None, out=None) -> int:
                                  rungs=settings.get("rungs"))
         first = exps.experiments.iloc[0]
         try:  # the EDA overview needs the images; the search's training split, never the test
-            from fmnist.data import load_splits
+            from results.final import experiment_splits
 
-            splits = load_splits(first["data_location"], first["dataset"],
-                                 val_size=int(first["val_size"]),
-                                 train_size=int(first["train_size"]), seed=int(first["split_seed"]))
+            splits = experiment_splits(first.to_dict())
             plots.dataset_overview(splits.x_train, splits.y_train, splits.class_names,
                                    folder / "dataset.png")
         except (DataError, ValueError, OSError) as exc:

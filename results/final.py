@@ -47,13 +47,23 @@ def choose(trials: pd.DataFrame, trial_id: str | None, top: int) -> pd.DataFrame
     return lb.ranked(finished.assign(experiment="")).head(top)
 
 
-def config_for(trial: pd.Series, epochs: int | None = None):
+def experiment_splits(experiment: dict[str, Any], data_dir: str | None = None):
+    """The train/validation split a search used, rebuilt from its experiment row."""
+    from fmnist.data import load_splits
+
+    return load_splits(data_dir or experiment["data_location"], experiment["dataset"],
+                       val_size=int(experiment["val_size"]),
+                       train_size=int(experiment["train_size"]),
+                       seed=int(experiment["split_seed"]))
+
+
+def config_for(trial: pd.Series):
     from fmnist.train import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in lb.params_of(trial).items() if k in known
               and k not in RUNTIME_KEYS}
-    values["epochs"] = int(epochs or trial["epochs"])
+    values["epochs"] = int(trial["epochs"])
     return TrainConfig.from_dict(values)
 
 
@@ -70,14 +80,12 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
     chosen = choose(trials, trial_id, top)
 
     # Heavy imports only now: the checks above answer in a second.
-    from fmnist.data import load_splits, load_test
+    from fmnist.data import load_test
     from fmnist.evaluate import evaluate
     from fmnist.train import train
 
     location = data_dir or experiment["data_location"]
-    splits = load_splits(location, experiment["dataset"], val_size=int(experiment["val_size"]),
-                         train_size=int(experiment["train_size"]),
-                         seed=int(experiment["split_seed"]))
+    splits = experiment_splits(experiment, data_dir)
     if splits.source.fingerprint != experiment["dataset_fingerprint"]:
         raise FinalError(f"the data at {location} is not the data the search used "
                          "(fingerprint differs)")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from results.store import PARAM_PREFIX, StoreError, open_experiment
+from results.store import PARAM_PREFIX, open_experiment
 
 FINISHED = ("completed", "stopped", "budget")
 BY = {"space": "space_name", "searcher": "searcher", "scheduler": "scheduler"}
@@ -220,9 +220,3 @@ def _short(value: Any) -> Any:
     if isinstance(value, float):
         return float(f"{value:.3g}")
     return value
-
-
-def check_experiments(paths: list[str]) -> None:
-    for path in paths:
-        if not open_experiment(path).exists():
-            raise StoreError(f"{path} is not an experiment (no experiment.parquet)")

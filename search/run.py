@@ -35,6 +35,7 @@ from results.store import ExperimentStore, StoreError  # noqa: E402
 from search.spaces import (  # noqa: E402
     Space,
     SpaceError,
+    check_searcher,
     grid_points,
     list_spaces,
     load_space,
@@ -130,12 +131,13 @@ class Plan:
     argv: list[str]
 
 
+# Flags that say where and how this invocation runs, not what the experiment is.
+NOT_SETTINGS = ("name", "storage", "address", "resume", "dry_run", "list_spaces")
+
+
 def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("space", "set", "full", "scheduler", "searcher", "num_samples", "max_epochs",
-            "grace_period", "reduction_factor", "cpus_per_trial", "gpus_per_trial",
-            "max_concurrent", "max_failures", "time_budget", "seed", "train_size", "val_size",
-            "dataset", "data_dir", "shared_storage", "verify_data")
-    return {k: getattr(args, k) for k in keys}
+    """What --resume restores: every resolved flag except those in NOT_SETTINGS."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
 
 
 def resolve(argv: list[str]) -> Plan:
@@ -157,7 +159,7 @@ def resolve(argv: list[str]) -> Plan:
                              "nothing to continue, start it again under a new --name")
         saved = json.loads(store.read_experiment()["settings"])
         for key, value in saved.items():  # the original settings win; only where/how differ
-            setattr(args, key.replace("-", "_"), value)
+            setattr(args, key, value)
     preset = FULL if args.full else QUICK
     for key, value in preset.items():
         if getattr(args, key) is None and key != "max_epochs":
@@ -194,9 +196,7 @@ def resolve(argv: list[str]) -> Plan:
     if args.grace_period > args.max_epochs:
         raise UsageError(f"--grace-period {args.grace_period} exceeds --max-epochs "
                          f"{args.max_epochs}")
-    if args.searcher in ("optuna", "hyperopt") and space.grid_keys:
-        raise UsageError(f"{space.source}: grid keys ({', '.join(space.grid_keys)}) need "
-                         f"--searcher grid or random, not {args.searcher}")
+    check_searcher(space, args.searcher)
     resolve_data_dir(args.data_dir, args.dataset)  # a clear error for a missing folder first
     splits = load_splits(args.data_dir, args.dataset, val_size=args.val_size,
                          train_size=args.train_size, seed=args.seed, verify=args.verify_data)
@@ -252,7 +252,7 @@ def describe(plan: Plan, cpus: float | None) -> str:
     slots = "?" if cpus is None else max(1, int(cpus // a.cpus_per_trial))
     if a.max_concurrent and slots != "?":
         slots = min(slots, a.max_concurrent)
-    where = a.address or f"embedded local Ray ({cpus:g} CPUs)" if cpus else a.address
+    where = a.address or f"embedded local Ray ({cpus:g} CPUs)"
     lines.append(f"resources: {a.cpus_per_trial:g} CPU, {a.gpus_per_trial:g} GPU per trial; "
                  f"up to {slots} concurrent on {where}")
     lines.append(f"results: {plan.store.uri()}")

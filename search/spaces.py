@@ -205,19 +205,23 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise SpaceError(f"--set {text!r}: value is not valid YAML") from None
 
 
-def to_tune(space: Space, searcher: str) -> dict[str, Any]:
-    """The sampled part as a Ray Tune param_space (fixed values travel separately).
-
-    With the grid searcher every `choice` becomes a grid axis too; Optuna and HyperOpt have no
-    notion of a grid, so a space with `grid` keys is refused for them.
-    """
-    from ray import tune
-
+def check_searcher(space: Space, searcher: str) -> None:
+    """Optuna and HyperOpt have no notion of a grid: refuse a space with `grid` keys for them."""
     if searcher in ("optuna", "hyperopt") and space.grid_keys:
         raise SpaceError(
             f"{space.source}: grid keys ({', '.join(space.grid_keys)}) need --searcher grid "
             f"or random, not {searcher}"
         )
+
+
+def to_tune(space: Space, searcher: str) -> dict[str, Any]:
+    """The sampled part as a Ray Tune param_space (fixed values travel separately).
+
+    With the grid searcher every `choice` becomes a grid axis too.
+    """
+    from ray import tune
+
+    check_searcher(space, searcher)
     out: dict[str, Any] = {}
     for key, d in space.dists.items():
         a = d.args

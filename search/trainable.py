@@ -79,9 +79,9 @@ class FMNISTTrainable(tune.Trainable):
         self._data = data
         self._data_sha256 = digest_arrays(data)
         self._fixed = dict(fixed)
-        self._cpus, self._gpus = cpus, gpus
-        threads = max(1, int(cpus))
-        configure_threads(threads, min(2, threads))
+        self._gpus = gpus
+        self._threads = max(1, int(cpus))  # TF pools as wide as the trial's CPUs, no wider
+        configure_threads(self._threads, min(2, self._threads))
         _configure_gpu(gpus)
         self._node = ray.get_runtime_context().get_node_id()
         self._node_ip = ray.util.get_node_ip_address()
@@ -89,9 +89,9 @@ class FMNISTTrainable(tune.Trainable):
         self._build(config)
 
     def _build(self, config: dict[str, Any]) -> None:
-        threads = max(1, int(self._cpus))
-        cfg = TrainConfig.from_dict({**self._fixed, **config, "intra_op_threads": threads,
-                                     "inter_op_threads": min(2, threads)})
+        cfg = TrainConfig.from_dict({**self._fixed, **config,
+                                     "intra_op_threads": self._threads,
+                                     "inter_op_threads": min(2, self._threads)})
         self.cfg = cfg
         self._training = TrainingRun(cfg, self._data)
 

@@ -1,7 +1,6 @@
 """Torn writes and bad data files: nothing half-written is read, nothing starts on bad data."""
 
 import gzip
-import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -82,7 +81,7 @@ def test_bad_data_stops_the_search_before_ray(tmp_path, tiny_space, damage, extr
             "rc = run.main(sys.argv[1:])\n"
             "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)\n")
     out = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, env={**os.environ})
+                         text=True, timeout=120)
     assert out.returncode == 2
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and match in line

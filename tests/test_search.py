@@ -100,7 +100,7 @@ def test_trials_never_receive_test_images(ray_session, tiny_data_dir, tiny_space
 
 def _run_cli(*argv, timeout=120):
     """Run the CLI in a fresh interpreter; report whether Ray was imported at all."""
-    code = ("import sys, runpy; sys.argv = ['search/run.py', *sys.argv[1:]]\n"
+    code = ("import sys; sys.argv = ['search/run.py', *sys.argv[1:]]\n"
             "from search import run\n"
             "rc = run.main()\n"
             "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\n"
