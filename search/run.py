@@ -54,6 +54,8 @@ FULL = {"num_samples": 64, "max_epochs": None, "train_size": None, "val_size": 1
         "time_budget": None}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ADDRESS_RE = re.compile(r"^(auto|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d+)$")
+# Where results may go: a local folder or a filesystem pyarrow can write to.
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 VERSIONED = ("tensorflow", "keras", "ray", "optuna", "hyperopt", "numpy", "pandas", "pyarrow")
 
 
@@ -135,6 +137,26 @@ class Plan:
 NOT_SETTINGS = ("name", "storage", "address", "resume", "dry_run", "list_spaces")
 
 
+def check_storage(value: str) -> None:
+    """Refuse a --storage that is empty, of an unknown scheme, or climbs out through '..'.
+
+    A results root is written to and swept (stale *.tmp files are deleted), so it must say
+    plainly where it is: 'runs/../../x' reads like a folder under runs/ and is not one.
+    """
+    if not value.strip():
+        raise UsageError("--storage is empty: give a folder or a URI such as s3://bucket/runs")
+    if any(ord(c) < 32 for c in value):
+        raise UsageError(f"--storage {value!r}: control characters are not allowed")
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme.lower() not in STORAGE_SCHEMES:
+        raise UsageError(f"--storage {value!r}: unsupported scheme {scheme!r}; use a folder or "
+                         f"one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+    path = rest.split("?", 1)[0] if sep else value
+    if ".." in re.split(r"[/\\]+", path):
+        raise UsageError(f"--storage {value!r} escapes its folder through '..'; "
+                         "give the folder it means directly")
+
+
 def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
     """What --resume restores: every resolved flag except those in NOT_SETTINGS."""
     return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
@@ -145,6 +167,7 @@ def resolve(argv: list[str]) -> Plan:
     args = build_parser().parse_args(argv)
     if args.address is not None and not ADDRESS_RE.match(args.address):
         raise UsageError(f"--address {args.address!r}: use auto, HOST:PORT or ray://HOST:PORT")
+    check_storage(args.storage)
     if args.name is not None and not NAME_RE.match(args.name):
         raise UsageError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only "
                          "(no path separators)")
@@ -398,7 +421,8 @@ def experiment_row(plan: Plan, resources: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_search(plan: Plan, out=None) -> int:
+def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
+    """Run the planned search; `trainable_cls` swaps in a subclass (fault-injection tests)."""
     import ray
     from ray import tune
 
@@ -414,7 +438,7 @@ def run_search(plan: Plan, out=None) -> int:
                      if k in ("CPU", "GPU", "memory") or k.startswith("accelerator")}
         resources["nodes"] = len([n for n in ray.nodes() if n.get("Alive")])
         trainable = tune.with_resources(
-            tune.with_parameters(FMNISTTrainable, data=plan.splits.arrays(),
+            tune.with_parameters(trainable_cls or FMNISTTrainable, data=plan.splits.arrays(),
                                  fixed=plan.space.fixed, cpus=a.cpus_per_trial,
                                  gpus=a.gpus_per_trial),
             {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial},

@@ -88,3 +88,20 @@ def test_bad_data_stops_the_search_before_ray(tmp_path, tiny_space, damage, extr
     assert str(data) in line  # names the file or folder
     assert "NO_RAY" in out.stdout
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("good", ["runs", "/tmp/runs", "~/runs", "a..b/runs", "s3://bucket/runs",
+                                  "gs://bucket", "file:///tmp/runs", "./runs/"])
+def test_plain_storage_values_are_accepted(good):
+    from search.run import check_storage
+
+    check_storage(good)  # raises UsageError on refusal
+
+
+@pytest.mark.parametrize("bad", ["..", "runs/..", "../runs", "runs/../../etc", "s3://b/../x",
+                                 "ftp://host/runs", "runs\\..\\x", "", "runs\n"])
+def test_escaping_storage_values_are_refused(bad):
+    from search.run import UsageError, check_storage
+
+    with pytest.raises(UsageError, match="--storage"):
+        check_storage(bad)

@@ -1,11 +1,8 @@
 """End-to-end searches on a real local Ray with tiny data and tiny models."""
 
 import io
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -136,6 +133,11 @@ def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
         (["--data-dir", "{missing}"], "does not exist"),
         (["--name", "a/b"], "no path separators"),
         (["--name", ".."], "no path separators"),
+        (["--storage", "{runs}/../outside"], "escapes its folder through '..'"),
+        (["--storage", "{runs}/a/../../outside"], "escapes its folder through '..'"),
+        (["--storage", "s3://bucket/../outside"], "escapes its folder through '..'"),
+        (["--storage", "http://example.com/runs"], "unsupported scheme 'http'"),
+        (["--storage", " "], "--storage is empty"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     ],
 )
@@ -147,6 +149,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data_dir, argv, match):
         (tmp_path / f"{key}.yaml").write_text(text)
     subst = {f"{{{k}}}": str(tmp_path / f"{k}.yaml") for k in files}
     subst["{missing}"] = str(tmp_path / "no-such-dir")
+    argv = [a.replace("{runs}", str(tmp_path / "runs")) for a in argv]
     argv = [subst.get(a, a) for a in argv]
     base = ["--storage", str(tmp_path / "runs"), "--space", "mlp", "--data-dir",
             str(tiny_data_dir), "--val-size", "100"]
@@ -155,55 +158,13 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data_dir, argv, match):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
     assert "NO_RAY" in out.stdout
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "outside").exists()
 
 
 def test_existing_experiment_needs_resume(tmp_path, tiny_data_dir, tiny_space):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     out = _run_cli(*search_args(tiny_data_dir, tiny_space, tmp_path / "runs", "taken"))
     assert out.returncode == 2 and "already exists" in out.stderr and "--resume" in out.stderr
-
-
-def test_kill_then_resume_completes_without_gaps_or_duplicates(tiny_data_dir, tiny_space,
-                                                               tmp_path):
-    argv = search_args(tiny_data_dir, tiny_space, tmp_path, "resume", "--num-samples", "3",
-                       "--max-epochs", "6", "--scheduler", "fifo", "--max-concurrent", "2")
-    cmd = [sys.executable, "search/run.py", *argv]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=env)
-    store = ExperimentStore(str(tmp_path), "resume")
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:
-            if (tmp_path / "resume" / "epochs").exists() and len(store.read_epochs()) >= 3:
-                break
-            assert proc.poll() is None, "the search ended before it could be killed"
-            time.sleep(0.5)
-        else:
-            pytest.fail("no epochs were written in time")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
-        proc.wait()
-    before = store.read_epochs()
-    assert 3 <= len(before) < 18
-    out = subprocess.run([sys.executable, "search/run.py", "--storage", str(tmp_path), "--name",
-                          "resume", "--resume"], cwd=REPO, capture_output=True, text=True,
-                         timeout=400, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    epochs = store.read_epochs()
-    raw = store.read_epochs(canonical=False)
-    trials = store.read_trials()
-    assert len(trials) == 3 and set(trials["status"]) == {"completed"}
-    keys = sorted(zip(epochs["trial_id"], epochs["epoch"], strict=True))
-    assert keys == sorted((t, e) for t in trials["trial_id"] for e in range(1, 7))
-    assert not epochs.duplicated(["trial_id", "epoch"]).any()
-    assert len(raw) >= len(epochs)  # re-reported epochs exist only in the raw view
-    # Every epoch written before the kill is still there, with the same values or a later attempt.
-    merged = before.merge(epochs, on=["trial_id", "epoch"], suffixes=("_before", ""))
-    assert len(merged) == len(before)
-    assert (merged["attempt"] >= merged["attempt_before"]).all()
-    assert not list((tmp_path / "resume").rglob("*.tmp"))
 
 
 def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir, tiny_space,

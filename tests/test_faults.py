@@ -1,0 +1,179 @@
+"""Fault injection on real Ray: a trial that raises mid-run, a worker node that dies, a driver
+killed again and again. Each asserts the "nothing lost" definition of the README's Reliability
+section: every trial ends with a terminal row, the canonical epochs view has every
+(trial, epoch) key exactly once, and nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from results.store import ExperimentStore
+from search import run
+from search.trainable import FMNISTTrainable
+from tests.conftest import REPO, search_args
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _full_keys(trials, epochs_per_trial: int) -> list[tuple[str, int]]:
+    return sorted((t, e) for t in trials["trial_id"] for e in range(1, epochs_per_trial + 1))
+
+
+def _keys(epochs) -> list[tuple[str, int]]:
+    return sorted(zip(epochs["trial_id"], epochs["epoch"], strict=True))
+
+
+def test_a_trial_that_raises_at_epoch_2_fails_alone(ray_session, tiny_data_dir, tmp_path):
+    class FaultAtEpochTwo(FMNISTTrainable):
+        """The real trainable, except that the 16-unit trial raises during its second epoch."""
+
+        def step(self):
+            if self.cfg.units == 16 and self._training.epoch == 1:
+                raise RuntimeError("injected fault in epoch 2")
+            return super().step()
+
+    space = tmp_path / "fault.yaml"
+    space.write_text("model: mlp\nepochs: 3\nhidden_layers: 1\nunits: {grid: [8, 16]}\n")
+    argv = search_args(tiny_data_dir, space, tmp_path, "fault", "--searcher", "grid",
+                       "--num-samples", "1", "--scheduler", "fifo", "--max-failures", "0")
+    out = io.StringIO()
+    code = run.run_search(run.resolve(argv), out=out, trainable_cls=FaultAtEpochTwo)
+    assert code == 1  # some trials failed
+    store = ExperimentStore(str(tmp_path), "fault")
+    trials = store.read_trials().set_index("params_units")
+    assert trials.loc[16, "status"] == "error"
+    assert trials.loc[16, "stop_reason"] == ("error at epoch 2: RuntimeError: "
+                                             "injected fault in epoch 2")
+    assert trials.loc[16, "epochs"] == 1  # the epoch it finished before the fault is kept
+    assert trials.loc[8, "status"] == "completed" and trials.loc[8, "epochs"] == 3
+    epochs = store.read_epochs()
+    assert _keys(epochs) == sorted([(trials.loc[16, "trial_id"], 1)]
+                                   + [(trials.loc[8, "trial_id"], e) for e in (1, 2, 3)])
+    assert "1 failed" in out.getvalue()
+
+
+def test_worker_node_dies_trials_retry_from_checkpoint(tiny_data_dir, tiny_space, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    # A head that runs no trials and two one-CPU worker nodes: real raylets, real processes.
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = {n.node_id: n for n in (cluster.add_node(num_cpus=1) for _ in range(2))}
+    epochs_per_trial, proc = 30, None
+    try:
+        cluster.wait_for_nodes()
+        argv = search_args(tiny_data_dir, tiny_space, tmp_path, "nodeloss", "--num-samples",
+                           "2", "--max-epochs", str(epochs_per_trial), "--scheduler", "fifo",
+                           "--max-failures", "3", "--address", cluster.address)
+        proc = subprocess.Popen([sys.executable, "search/run.py", *argv], cwd=REPO, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        store = ExperimentStore(str(tmp_path), "nodeloss")
+        victim, deadline = None, time.monotonic() + 240
+        while victim is None and time.monotonic() < deadline:
+            assert proc.poll() is None, "the search ended before a node could be removed"
+            time.sleep(0.3)
+            if not (tmp_path / "nodeloss" / "epochs").exists():
+                continue
+            done = store.read_epochs().groupby(["node", "trial_id"])["epoch"].max()
+            # A node whose trial has at least two checkpointed epochs and many still to go.
+            ready = done[(done >= 2) & (done <= epochs_per_trial - 10)]
+            if len(ready):
+                victim = ready.index[0]
+        assert victim is not None, "no trial reached epoch 2 in time"
+        node_id, trial_id = victim
+        before = store.read_epochs()
+        cluster.remove_node(workers[node_id], allow_graceful=False)  # kills raylet and workers
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output[-3000:]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        cluster.shutdown()
+
+    trials = store.read_trials().set_index("trial_id")
+    epochs = store.read_epochs()
+    raw = store.read_epochs(canonical=False)
+    assert len(trials) == 2 and set(trials["status"]) == {"completed"}  # terminal rows
+    assert trials.loc[trial_id, "failures"] >= 1  # the node loss is counted
+    assert _keys(epochs) == _full_keys(trials.reset_index(), epochs_per_trial)  # no gap
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()  # no duplicate
+    mine = epochs[epochs["trial_id"] == trial_id].set_index("epoch")
+    retried = mine[mine["attempt"] >= 1]
+    # It retried from its last checkpoint, not from scratch, and on the surviving node.
+    assert len(retried) and retried.index.min() > before[before["trial_id"] == trial_id][
+        "epoch"].min()
+    assert (mine.loc[1:2, "attempt"] == 0).all()
+    assert set(retried["node"]) == set(workers) - {node_id}
+    assert len(raw) >= len(epochs)
+    assert not list((tmp_path / "nodeloss").rglob("*.tmp"))
+
+
+def _completed(store: ExperimentStore) -> int:
+    trials = store.read_trials()
+    return int((trials["status"] == "completed").sum()) if len(trials) else 0
+
+
+def test_driver_killed_at_random_moments_then_resumed(tiny_data_dir, tiny_space, tmp_path):
+    seed = random.randrange(1 << 16)
+    rng = random.Random(seed)
+    samples, epochs_per_trial, kills_wanted = 3, 8, 3
+    why = f"(kill-time seed {seed})"
+    start = [sys.executable, "search/run.py",
+             *search_args(tiny_data_dir, tiny_space, tmp_path, "killed", "--num-samples",
+                          str(samples), "--max-epochs", str(epochs_per_trial), "--scheduler",
+                          "fifo", "--max-concurrent", "2")]
+    resume = [sys.executable, "search/run.py", "--storage", str(tmp_path), "--name", "killed",
+              "--resume"]
+    store = ExperimentStore(str(tmp_path), "killed")
+    epochs_dir = tmp_path / "killed" / "epochs"
+    completed, seen, kills, planted, rc = [0], set(), 0, None, None
+    for run_no in range(kills_wanted + 3):
+        proc = subprocess.Popen(start if run_no == 0 else resume, cwd=REPO, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own group: driver and its Ray
+        if kills < kills_wanted:
+            # Under way: Tune has saved state (first run) or the new run swept the torn file
+            # planted after the last kill. Then a random moment later, SIGKILL everything.
+            deadline = time.monotonic() + 180
+            while proc.poll() is None and time.monotonic() < deadline:
+                if store.has_ray_state() and (planted is None or not planted.exists()):
+                    break
+                time.sleep(0.2)
+            if planted is not None and proc.poll() is None:
+                assert not planted.exists(), f"the resumed run never swept {planted.name} {why}"
+            time.sleep(rng.uniform(0.5, 6.0))
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                kills += 1
+        _, err = proc.communicate(timeout=400)
+        rc = proc.returncode
+        if rc == 0:
+            break
+        assert rc == -signal.SIGKILL, f"run {run_no} exited {rc} {why}: {err[-2000:]}"
+        now = store.read_epochs()
+        keys = set(_keys(now))
+        assert seen <= keys, f"epochs written before a kill went missing {why}"
+        seen = keys
+        completed.append(_completed(store))
+        assert completed[-1] >= completed[-2], f"completed went backwards: {completed} {why}"
+        if epochs_dir.exists():  # a writer killed mid-write leaves a torn temp file behind
+            planted = epochs_dir / "part-torn-by-kill.parquet.tmp"
+            planted.write_bytes(b"PAR1 half a part file")
+    assert rc == 0 and kills == kills_wanted, f"exit {rc} after {kills} kills {why}"
+    trials = store.read_trials()
+    epochs = store.read_epochs()
+    assert len(trials) <= samples and set(trials["status"]) == {"completed"}, why
+    assert epochs["trial_id"].nunique() <= samples
+    assert _keys(epochs) == _full_keys(trials, epochs_per_trial), why
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert seen <= set(_keys(epochs))
+    assert _completed(store) >= completed[-1]
+    assert not list(Path(tmp_path / "killed").rglob("*.tmp")), why
