@@ -381,7 +381,9 @@ def make_searcher(args: argparse.Namespace, space: Space):
 
         return HyperOptSearch(random_state_seed=args.seed,
                               n_initial_points=min(20, max(1, args.num_samples // 2)))
-    return BasicVariantGenerator(random_state=args.seed)
+    # Tune applies max_concurrent_trials only to a Searcher (wrapped in a ConcurrencyLimiter);
+    # a BasicVariantGenerator passed in must carry the limit itself or it is silently ignored.
+    return BasicVariantGenerator(random_state=args.seed, max_concurrent=args.max_concurrent or 0)
 
 
 def experiment_row(plan: Plan, resources: dict[str, Any]) -> dict[str, Any]:
