@@ -1,6 +1,6 @@
 """Train the reference CNN on the real 48k/12k split for 5 epochs; print accuracy and images/s.
 
-    python bench/train_reference.py [--epochs 5]
+    python bench/train_reference.py [--epochs 5] [--train-size N] [--jit-compile]
 
 Prints one line per epoch and a one-line JSON summary, appended to bench/results/reference.jsonl.
 """
@@ -30,9 +30,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--data-dir")
+    parser.add_argument("--train-size", type=int, help="class-balanced subset (default: all 48k)")
+    parser.add_argument("--jit-compile", action="store_true",
+                        help="compile the train step with XLA (off by default: slower on CPU)")
     args = parser.parse_args()
-    data = load_splits(args.data_dir)
-    cfg = TrainConfig(epochs=args.epochs, **REFERENCE)
+    data = load_splits(args.data_dir, train_size=args.train_size)
+    cfg = TrainConfig(epochs=args.epochs, jit_compile=args.jit_compile, **REFERENCE)
     epochs = []
     start = time.perf_counter()
     run = train(cfg, data, on_epoch_end=lambda m: (epochs.append(m), print(
@@ -41,6 +44,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     summary = {
         "bench": "train_reference", "config": REFERENCE, "epochs": args.epochs,
+        "jit_compile": args.jit_compile,
         "train": len(data.y_train), "val": len(data.y_val),
         "params": run.model.count_params(),
         "final_val_accuracy": round(epochs[-1]["val_accuracy"], 4),

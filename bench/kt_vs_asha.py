@@ -1,0 +1,143 @@
+"""The peer: Keras Tuner's Hyperband (what notebook 000 used) vs our ASHA, side by side.
+
+    .venv/bin/pip install -e '.[bench]'     # keras-tuner
+    python bench/kt_vs_asha.py [--max-epochs 9] [--factor 3] [--train-size 6000]
+
+Both search the `cnn` space (Keras Tuner gets the same distributions, translated), with the
+same max epochs and reduction factor, the same train/validation split, on the same machine,
+one after the other. Keras Tuner runs as its documented single process (TensorFlow using all
+cores); ours is `search/run.py` with ASHA, one CPU per trial, sampling as many configs as
+Hyperband did. Times run from each command's start. Unless `--target` is given, the target is
+the lower of the two bests minus 0.3 points. Targets: ours <= 0.6x Keras Tuner's time to the
+target, at equal or better best accuracy. Prints one JSON line, appended to
+bench/results/kt_vs_asha.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from report import emit
+from searchbench import REPO, search, workdir
+
+HISTORY: list[tuple[float, float]] = []  # (seconds since start, val_accuracy), every epoch
+
+
+def run_keras_tuner(args: argparse.Namespace) -> None:
+    """Keras Tuner's Hyperband in this process; prints its epoch history as JSON."""
+    t0 = args.started_at  # the command's start, as measured by the parent
+    import keras
+    import keras_tuner as kt
+
+    from fmnist.data import load_splits
+    from fmnist.train import TrainConfig, TrainingRun
+    from search.spaces import load_space
+
+    space = load_space("cnn")
+    data = load_splits(args.data_dir, val_size=args.val_size, train_size=args.train_size,
+                       seed=args.seed)
+
+    def sample(hp, key, dist):
+        a = dist.args
+        if dist.kind in ("choice", "grid"):
+            return hp.Choice(key, list(a))
+        if dist.kind in ("uniform", "loguniform"):
+            return hp.Float(key, a[0], a[1], sampling="log" if dist.log else "linear")
+        if dist.kind == "randint":
+            return hp.Int(key, a[0], a[1] - 1)
+        raise SystemExit(f"no Keras Tuner translation for {dist.kind} ({key})")
+
+    class Model(kt.HyperModel):
+        def build(self, hp):
+            params = {k: sample(hp, k, d) for k, d in space.dists.items()}
+            cfg = TrainConfig.from_dict({**space.fixed, **params, "epochs": args.max_epochs,
+                                         "seed": args.seed})
+            return TrainingRun(cfg, data).model  # the same model, optimizer and loss as ours
+
+        def fit(self, hp, model, *a, **kw):
+            return model.fit(*a, batch_size=hp.get("batch_size"), **kw)
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            HISTORY.append((time.time() - t0, float(logs["val_accuracy"])))
+
+    tuner = kt.Hyperband(Model(), objective="val_accuracy", max_epochs=args.max_epochs,
+                         factor=args.factor, hyperband_iterations=1, seed=args.seed,
+                         directory=args.kt_dir, project_name="kt", overwrite=True)
+    tuner.search(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
+                 callbacks=[Record()], verbose=0)
+    trials = tuner.oracle.trials.values()
+    configs = sum(1 for t in trials if "tuner/trial_id" not in t.hyperparameters.values)
+    print(json.dumps({"history": HISTORY, "trials": len(trials), "configs": configs}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-epochs", type=int, default=9)
+    p.add_argument("--factor", type=int, default=3)
+    p.add_argument("--train-size", type=int, default=6_000)
+    p.add_argument("--val-size", type=int, default=2_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir")
+    p.add_argument("--target", type=float, help="validation accuracy to reach")
+    p.add_argument("--keep", help="keep the experiments in this folder (default: a temp folder)")
+    p.add_argument("--kt-dir", help=argparse.SUPPRESS)
+    p.add_argument("--keras-tuner", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--started-at", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.keras_tuner:
+        return run_keras_tuner(args)
+    if importlib.util.find_spec("keras_tuner") is None:
+        raise SystemExit("keras-tuner is not installed: .venv/bin/pip install -e '.[bench]'")
+    folder = workdir(args.keep)
+    data_flags = ["--data-dir", args.data_dir] if args.data_dir else []
+    sizes = ["--train-size", str(args.train_size), "--val-size", str(args.val_size)]
+    cmd = [sys.executable, __file__, "--keras-tuner", "--kt-dir", str(folder / "keras-tuner"),
+           "--max-epochs", str(args.max_epochs), "--factor", str(args.factor), "--seed",
+           str(args.seed), *sizes, *data_flags]
+    print("$", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    cmd += ["--started-at", repr(time.time())]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    kt_wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"keras tuner exited {out.returncode}\n{out.stderr[-2000:]}")
+    kt = json.loads(out.stdout.strip().splitlines()[-1])
+    ours = search(folder, f"asha-{int(time.time())}", "--space", "cnn", "--scheduler", "asha",
+                  "--num-samples", str(kt["configs"]), "--max-epochs", str(args.max_epochs),
+                  "--reduction-factor", str(args.factor), "--grace-period", "1", "--seed",
+                  str(args.seed), "--cpus-per-trial", "1", "--time-budget", "3600", *sizes,
+                  *data_flags)
+    kt_best = max(acc for _, acc in kt["history"])
+    our_best = float(ours["epochs"]["val_accuracy"].max())
+    target = args.target if args.target is not None else round(min(kt_best, our_best) - 0.003, 4)
+    kt_ttt = next((t for t, acc in kt["history"] if acc >= target), None)
+    hit = ours["raw"][ours["raw"]["val_accuracy"] >= target]
+    our_ttt = float(hit["timestamp"].min().timestamp() - ours["start"]) if len(hit) else None
+    ratio = our_ttt / kt_ttt if our_ttt is not None and kt_ttt else None
+    emit("kt_vs_asha", {
+        "bench": "kt_vs_asha", "space": "cnn", "max_epochs": args.max_epochs,
+        "factor": args.factor, "seed": args.seed, "train": args.train_size,
+        "val": args.val_size, "configs": kt["configs"], "kt_trials": kt["trials"],
+        "target": target, "target_rule": "given" if args.target is not None
+        else "lower best - 0.003",
+        "kt_best": round(kt_best, 4), "ours_best": round(our_best, 4),
+        "kt_time_to_target_s": None if kt_ttt is None else round(kt_ttt, 1),
+        "ours_time_to_target_s": None if our_ttt is None else round(our_ttt, 1),
+        "kt_wall_s": round(kt_wall, 1), "ours_wall_s": round(ours["wall_s"], 1),
+        "kt_epochs": len(kt["history"]), "ours_trial_epochs": int(len(ours["raw"])),
+        "time_ratio": None if ratio is None else round(ratio, 3), "time_ratio_target": 0.6,
+        "machine": platform.machine(), "cpus": os.cpu_count(), "time": time.time(),
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Overhead of the search machinery: one fixed config N times through `search/run.py` vs N
+times through plain `fmnist.train` in one Python process.
+
+    python bench/overhead.py [--runs 3] [--epochs 12] [--train-size 12000]
+
+Both sides are whole commands timed from outside (Python start, TensorFlow import, data load
+included), both on the same split, with 2 TensorFlow threads and one run at a time. The search
+side adds Ray, Tune, one checkpoint per epoch and the Parquet recorder. With the defaults a
+run lasts about 30-40 s on this 2-core CPU (the issue's target: ratio <= 1.15 for trials of
+30 s or more). Prints one JSON line, appended to bench/results/overhead.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from report import emit
+from searchbench import REPO, search, workdir, write_space
+
+CONFIG = dict(model="cnn", blocks=2, base_filters=32, dense_units=64, dropout=0.25,
+              optimizer="adam", learning_rate=1e-3, batch_size=128)
+
+
+def plain(args: argparse.Namespace) -> None:
+    """The baseline, run in its own process: N trainings one after the other, no Ray."""
+    from fmnist.data import load_splits
+    from fmnist.train import TrainConfig, train
+
+    data = load_splits(args.data_dir, val_size=args.val_size, train_size=args.train_size, seed=0)
+    cfg = TrainConfig.from_dict({**CONFIG, "epochs": args.epochs, "intra_op_threads": 2,
+                                 "inter_op_threads": 2})
+    times = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        train(cfg, data)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"run_s": times}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--train-size", type=int, default=12_000)
+    p.add_argument("--val-size", type=int, default=3_000)
+    p.add_argument("--data-dir")
+    p.add_argument("--keep", help="keep the experiment in this folder (default: a temp folder)")
+    p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.plain:
+        return plain(args)
+    folder = workdir(args.keep)
+    space = write_space(folder, "fixed-cnn", "".join(f"{k}: {v}\n" for k, v in CONFIG.items()))
+    data_flags = ["--data-dir", args.data_dir] if args.data_dir else []
+    cmd = [sys.executable, __file__, "--plain", "--runs", str(args.runs), "--epochs",
+           str(args.epochs), "--train-size", str(args.train_size), "--val-size",
+           str(args.val_size), *data_flags]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    plain_wall = time.perf_counter() - t0
+    plain_runs = json.loads(out.stdout.strip().splitlines()[-1])["run_s"]
+    run = search(folder, f"overhead-{int(time.time())}", "--space", str(space),
+                 "--num-samples", str(args.runs), "--max-epochs", str(args.epochs),
+                 "--scheduler", "fifo", "--cpus-per-trial", "2", "--train-size",
+                 str(args.train_size), "--val-size", str(args.val_size), "--time-budget",
+                 "3600", *data_flags)
+    emit("overhead", {
+        "bench": "overhead", "config": CONFIG, "runs": args.runs, "epochs": args.epochs,
+        "train": args.train_size, "val": args.val_size,
+        "plain_wall_s": round(plain_wall, 1), "search_wall_s": round(run["wall_s"], 1),
+        "plain_run_s": [round(t, 1) for t in plain_runs],
+        "search_epoch_time_sum_s": round(float(run["raw"]["epoch_time_s"].sum()), 1),
+        "ratio": round(run["wall_s"] / plain_wall, 3), "target": 1.15,
+        "machine": platform.machine(), "cpus": os.cpu_count(), "time": time.time(),
+    })
+
+
+if __name__ == "__main__":
+    main()

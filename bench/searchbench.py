@@ -1,0 +1,60 @@
+"""Helpers the search benchmarks share: run `search/run.py` as a user would, read what it wrote."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from results.store import ExperimentStore  # noqa: E402
+
+
+def workdir(keep: str | None) -> Path:
+    """Where the benchmark's experiments go: --keep DIR, else a fresh temporary folder."""
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        return Path(keep)
+    return Path(tempfile.mkdtemp(prefix="fmnist-bench-"))
+
+
+def search(storage: Path, name: str, *flags: str, quiet: bool = True) -> dict:
+    """Run one search command end to end; wall time is the whole command, Python start included.
+
+    Returns wall_s, the exit code, the start time (epoch seconds) and the experiment's raw and
+    canonical epochs and its trials.
+    """
+    cmd = [sys.executable, str(REPO / "search" / "run.py"), "--storage", str(storage),
+           "--name", name, *flags]
+    print("$", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    t0_wall, t0 = time.time(), time.perf_counter()
+    out = subprocess.run(cmd, cwd=REPO, capture_output=quiet, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        tail = (out.stderr or "")[-2000:] if quiet else ""
+        raise SystemExit(f"search {name} exited {out.returncode}\n{tail}")
+    store = ExperimentStore(str(storage), name)
+    return {"wall_s": wall, "start": t0_wall, "raw": store.read_epochs(canonical=False),
+            "epochs": store.read_epochs(), "trials": store.read_trials()}
+
+
+def time_to_target(epochs: pd.DataFrame, start: float, target: float) -> float | None:
+    """Seconds from `start` until any trial's validation accuracy first reached `target`."""
+    hit = epochs[epochs["val_accuracy"] >= target]
+    if hit.empty:
+        return None
+    return float(hit["timestamp"].min().timestamp() - start)
+
+
+def write_space(folder: Path, name: str, text: str) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
