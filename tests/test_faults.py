@@ -15,12 +15,18 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from results.store import ExperimentStore
 from search import run
 from search.trainable import FMNISTTrainable
 from tests.conftest import REPO, search_args
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+def _env() -> dict[str, str]:
+    """The environment as it is now: once this process has run ray.init (the session fixture),
+    Ray has set RAY_AUTH_MODE=token here, and clusters started from here expect a token."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _full_keys(trials, epochs_per_trial: int) -> list[tuple[str, int]]:
@@ -73,12 +79,14 @@ def test_worker_node_dies_trials_retry_from_checkpoint(tiny_data_dir, tiny_space
         argv = search_args(tiny_data_dir, tiny_space, tmp_path, "nodeloss", "--num-samples",
                            "2", "--max-epochs", str(epochs_per_trial), "--scheduler", "fifo",
                            "--max-failures", "3", "--address", cluster.address)
-        proc = subprocess.Popen([sys.executable, "search/run.py", *argv], cwd=REPO, env=ENV,
+        proc = subprocess.Popen([sys.executable, "search/run.py", *argv], cwd=REPO, env=_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         store = ExperimentStore(str(tmp_path), "nodeloss")
         victim, deadline = None, time.monotonic() + 240
         while victim is None and time.monotonic() < deadline:
-            assert proc.poll() is None, "the search ended before a node could be removed"
+            if proc.poll() is not None:
+                pytest.fail("the search ended before a node could be removed:\n"
+                            + proc.stdout.read()[-3000:])
             time.sleep(0.3)
             if not (tmp_path / "nodeloss" / "epochs").exists():
                 continue
@@ -136,7 +144,7 @@ def test_driver_killed_at_random_moments_then_resumed(tiny_data_dir, tiny_space,
     epochs_dir = tmp_path / "killed" / "epochs"
     completed, seen, kills, planted, rc = [0], set(), 0, None, None
     for run_no in range(kills_wanted + 3):
-        proc = subprocess.Popen(start if run_no == 0 else resume, cwd=REPO, env=ENV,
+        proc = subprocess.Popen(start if run_no == 0 else resume, cwd=REPO, env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # its own group: driver and its Ray
         if kills < kills_wanted:
