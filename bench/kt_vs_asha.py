@@ -25,7 +25,7 @@ import sys
 import time
 
 from report import emit
-from searchbench import REPO, search, workdir
+from searchbench import REPO, search, time_to_target, workdir
 
 HISTORY: list[tuple[float, float]] = []  # (seconds since start, val_accuracy), every epoch
 
@@ -120,8 +120,7 @@ def main() -> None:
     our_best = float(ours["epochs"]["val_accuracy"].max())
     target = args.target if args.target is not None else round(min(kt_best, our_best) - 0.003, 4)
     kt_ttt = next((t for t, acc in kt["history"] if acc >= target), None)
-    hit = ours["raw"][ours["raw"]["val_accuracy"] >= target]
-    our_ttt = float(hit["timestamp"].min().timestamp() - ours["start"]) if len(hit) else None
+    our_ttt = time_to_target(ours["raw"], ours["start"], target)
     ratio = our_ttt / kt_ttt if our_ttt is not None and kt_ttt else None
     emit("kt_vs_asha", {
         "bench": "kt_vs_asha", "space": "cnn", "max_epochs": args.max_epochs,

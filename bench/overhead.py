@@ -21,10 +21,7 @@ import sys
 import time
 
 from report import emit
-from searchbench import REPO, search, workdir, write_space
-
-CONFIG = dict(model="cnn", blocks=2, base_filters=32, dense_units=64, dropout=0.25,
-              optimizer="adam", learning_rate=1e-3, batch_size=128)
+from searchbench import REFERENCE, REPO, reference_space, search, workdir
 
 
 def plain(args: argparse.Namespace) -> None:
@@ -33,7 +30,7 @@ def plain(args: argparse.Namespace) -> None:
     from fmnist.train import TrainConfig, train
 
     data = load_splits(args.data_dir, val_size=args.val_size, train_size=args.train_size, seed=0)
-    cfg = TrainConfig.from_dict({**CONFIG, "epochs": args.epochs, "intra_op_threads": 2,
+    cfg = TrainConfig.from_dict({**REFERENCE, "epochs": args.epochs, "intra_op_threads": 2,
                                  "inter_op_threads": 2})
     times = []
     for _ in range(args.runs):
@@ -56,7 +53,7 @@ def main() -> None:
     if args.plain:
         return plain(args)
     folder = workdir(args.keep)
-    space = write_space(folder, "fixed-cnn", "".join(f"{k}: {v}\n" for k, v in CONFIG.items()))
+    space = reference_space(folder)
     data_flags = ["--data-dir", args.data_dir] if args.data_dir else []
     cmd = [sys.executable, __file__, "--plain", "--runs", str(args.runs), "--epochs",
            str(args.epochs), "--train-size", str(args.train_size), "--val-size",
@@ -72,7 +69,7 @@ def main() -> None:
                  str(args.train_size), "--val-size", str(args.val_size), "--time-budget",
                  "3600", *data_flags)
     emit("overhead", {
-        "bench": "overhead", "config": CONFIG, "runs": args.runs, "epochs": args.epochs,
+        "bench": "overhead", "config": REFERENCE, "runs": args.runs, "epochs": args.epochs,
         "train": args.train_size, "val": args.val_size,
         "plain_wall_s": round(plain_wall, 1), "search_wall_s": round(run["wall_s"], 1),
         "plain_run_s": [round(t, 1) for t in plain_runs],

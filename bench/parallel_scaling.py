@@ -17,9 +17,8 @@ import os
 import platform
 import time
 
-from overhead import CONFIG
 from report import emit
-from searchbench import search, workdir, write_space
+from searchbench import REFERENCE, reference_space, search, workdir
 
 
 def span_s(raw) -> float:
@@ -35,7 +34,7 @@ def main() -> None:
     p.add_argument("--keep", help="keep the experiments in this folder (default: a temp folder)")
     args = p.parse_args()
     folder = workdir(args.keep)
-    space = write_space(folder, "fixed-cnn", "".join(f"{k}: {v}\n" for k, v in CONFIG.items()))
+    space = reference_space(folder)
     stamp = int(time.time())
     runs = {}
     for label, concurrent in (("sequential", 1), ("concurrent", 2)):
@@ -47,7 +46,7 @@ def main() -> None:
     images = 2 * args.epochs * args.train_size
     thr = {k: images / span_s(r["raw"]) for k, r in runs.items()}
     emit("parallel_scaling", {
-        "bench": "parallel_scaling", "config": CONFIG, "epochs": args.epochs,
+        "bench": "parallel_scaling", "config": REFERENCE, "epochs": args.epochs,
         "train": args.train_size, "val": args.val_size,
         "sequential_span_s": round(span_s(runs["sequential"]["raw"]), 1),
         "concurrent_span_s": round(span_s(runs["concurrent"]["raw"]), 1),

@@ -54,7 +54,13 @@ def time_to_target(epochs: pd.DataFrame, start: float, target: float) -> float |
     return float(hit["timestamp"].min().timestamp() - start)
 
 
-def write_space(folder: Path, name: str, text: str) -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(text)
+# The reference CNN: two conv blocks (32, 64 filters), dense 64, dropout 0.25, Adam 1e-3.
+REFERENCE = dict(model="cnn", blocks=2, base_filters=32, dense_units=64, dropout=0.25,
+                 optimizer="adam", learning_rate=1e-3, batch_size=128)
+
+
+def reference_space(folder: Path) -> Path:
+    """A space file with every value fixed to REFERENCE: each sample is the same config."""
+    path = folder / "fixed-cnn.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in REFERENCE.items()))
     return path

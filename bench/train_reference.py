@@ -17,13 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import emit  # noqa: E402
+from searchbench import REFERENCE  # noqa: E402
 
 from fmnist.data import load_splits  # noqa: E402
 from fmnist.train import TrainConfig, train  # noqa: E402
-
-# The reference CNN: two conv blocks (32, 64 filters), dense 64, dropout 0.25, Adam 1e-3.
-REFERENCE = dict(model="cnn", blocks=2, base_filters=32, dense_units=64, dropout=0.25,
-                 optimizer="adam", learning_rate=1e-3, batch_size=128)
 
 
 def main() -> None:
