@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ADDRESS_RE = re.compile(r"^(auto|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d+)$")
 # Where results may go: a local folder or a filesystem pyarrow can write to.
 STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+CONNECT_TIMEOUT_S = 10.0  # --address: how long to wait for the head to answer
 VERSIONED = ("tensorflow", "keras", "ray", "optuna", "hyperopt", "numpy", "pandas", "pyarrow")
 
 
@@ -303,6 +305,26 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse a HOST:PORT (or ray://HOST:PORT) that nothing answers on.
+
+    `ray.init` retries an unreachable address for many minutes; one TCP connect says at once.
+    "auto" is left to Ray, which looks for a cluster started on this machine.
+    """
+    if address == "auto":
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise UsageError(f"--address {address}: cannot reach {hostport} ({why}); is the Ray "
+                         "head running there? `ray start --head` prints its address") from exc
+
+
 def start_ray(args: argparse.Namespace) -> bool:
     """Connect to --address or start an embedded Ray; True if this process started it."""
     import ray
@@ -316,6 +338,7 @@ def start_ray(args: argparse.Namespace) -> bool:
     common = dict(runtime_env={"env_vars": env}, log_to_driver=False,
                   logging_level="WARNING", configure_logging=True)
     if args.address:
+        check_reachable(args.address)
         ray.init(address=args.address, **common)
     else:
         # Dashboard off and everything on loopback: nothing listens beyond this machine.

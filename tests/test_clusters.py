@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,21 @@ def test_bad_address_is_refused(tiny_data_dir, tiny_space, tmp_path):
     out = subprocess.run([sys.executable, "search/run.py", *argv], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--address 'http://x'" in out.stderr
+
+
+def test_address_nobody_answers_on_is_refused_at_once(tiny_data_dir, tiny_space, tmp_path):
+    # ray.init would retry such an address for many minutes; a closed port must fail in seconds.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    storage = tmp_path / "runs"
+    argv = search_args(tiny_data_dir, tiny_space, storage, "dead", "--address", f"127.0.0.1:{port}")
+    out = subprocess.run([sys.executable, "search/run.py", *argv], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"--address 127.0.0.1:{port}: cannot reach 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not storage.exists()  # nothing written
 
 
 def test_local_storage_on_several_machines_is_refused():
