@@ -212,6 +212,10 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, img_path: str, lbl_path:
         raise DataError(f"{lbl_path}: label {bad} out of range 0..{NUM_CLASSES - 1}")
 
 
+# What a search trial receives: the train and validation arrays, never the test split.
+DATA_KEYS = ("x_train", "y_train", "x_val", "y_val")
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a dataset was read from, with per-file sha256 of the decompressed bytes."""
@@ -316,8 +320,7 @@ class Splits:
     seed: int
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"x_train": self.x_train, "y_train": self.y_train, "x_val": self.x_val,
-                "y_val": self.y_val}
+        return {k: getattr(self, k) for k in DATA_KEYS}
 
     @property
     def sizes(self) -> dict[str, int]:

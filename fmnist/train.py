@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 from fmnist.config import METRIC, MODE, ConfigError, TrainConfig  # noqa: E402,F401
+from fmnist.data import DATA_KEYS  # noqa: E402
 from fmnist.models import build_model  # noqa: E402
 
 
@@ -96,9 +97,6 @@ def configure_threads(intra_op: int, inter_op: int) -> bool:
     except RuntimeError:
         return (tf.config.threading.get_intra_op_parallelism_threads() == intra_op or intra_op <= 0)
     return True
-
-
-DATA_KEYS = ("x_train", "y_train", "x_val", "y_val")
 
 
 def _arrays(data: Any) -> dict[str, np.ndarray]:

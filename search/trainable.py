@@ -16,8 +16,11 @@ from typing import Any
 import ray
 from ray import tune
 
-from fmnist.data import digest_arrays
-from fmnist.train import DATA_KEYS, TrainConfig, TrainingRun, configure_threads
+from fmnist.config import TrainConfig
+from fmnist.data import DATA_KEYS, digest_arrays
+
+# fmnist.train (Keras, TensorFlow) is imported inside the methods below, which run in the
+# workers: the driver only needs this class by name and never pays TensorFlow's import.
 
 
 def gpu_memory_settings(fraction: float, total_mib: int) -> dict[str, Any]:
@@ -80,6 +83,8 @@ class FMNISTTrainable(tune.Trainable):
         self._data_sha256 = digest_arrays(data)
         self._fixed = dict(fixed)
         self._gpus = gpus
+        from fmnist.train import configure_threads
+
         self._threads = max(1, int(cpus))  # TF pools as wide as the trial's CPUs, no wider
         configure_threads(self._threads, min(2, self._threads))
         _configure_gpu(gpus)
@@ -89,6 +94,8 @@ class FMNISTTrainable(tune.Trainable):
         self._build(config)
 
     def _build(self, config: dict[str, Any]) -> None:
+        from fmnist.train import TrainingRun
+
         cfg = TrainConfig.from_dict({**self._fixed, **config,
                                      "intra_op_threads": self._threads,
                                      "inter_op_threads": min(2, self._threads)})

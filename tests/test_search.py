@@ -102,6 +102,7 @@ def _run_cli(*argv, timeout=120):
             "from search import run\n"
             "rc = run.main()\n"
             "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\n"
+            "print('TF_IMPORTED' if 'tensorflow' in sys.modules else 'NO_TF')\n"
             "sys.exit(rc)\n")
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
@@ -117,6 +118,16 @@ def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
     assert "rungs at epochs 1, 3" in text and "9 samples x 1 grid points = 9 trials" in text
     assert "at most 81 trial-epochs" in text and "learning_rate" in text
     assert not (tmp_path / "plan").exists()
+
+
+def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
+    # Only the workers train: the driver of a real search must not pay TensorFlow's import
+    # (seconds of start-up on a small machine, and its memory) for a class it passes by name.
+    out = _run_cli(*search_args(tiny_data_dir, tiny_space, tmp_path, "lean", "--num-samples",
+                                "1", "--max-epochs", "1", "--scheduler", "fifo"), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RAY_IMPORTED" in out.stdout and "NO_TF" in out.stdout
+    assert len(ExperimentStore(str(tmp_path), "lean").read_epochs()) == 1  # it did train
 
 
 @pytest.mark.parametrize(
