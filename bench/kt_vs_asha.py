@@ -5,7 +5,7 @@
 
 Both search the `cnn` space (Keras Tuner gets the same distributions, translated), with the
 same max epochs and reduction factor, the same train/validation split, on the same machine,
-one after the other; once per seed given (about 15 minutes per seed here). Which configs come
+one after the other; once per seed given (15-23 minutes per seed here). Which configs come
 first decides much of a single pair's result, so the summary has every seed's figures and
 their medians. Keras Tuner runs as its documented single process (TensorFlow using all
 cores); ours is `search/run.py` with ASHA, one CPU per trial, sampling as many configs as
