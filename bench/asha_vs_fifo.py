@@ -4,7 +4,7 @@
 
 Runs `search/run.py --space cnn` twice, once per scheduler, with the same `--seed` (so the
 random searcher proposes the same configs in the same order) and one CPU per trial; once per
-seed given (11-16 minutes per seed here). Which configs come first decides much of a single
+seed given (13-17 minutes per seed here). Which configs come first decides much of a single
 pair's result, so the summary has every seed's figures and their medians. Reports
 each run's final best validation accuracy and the time, from the command's start, until its
 best first reached the target. Unless `--target` is given, the target is the lower of the two
