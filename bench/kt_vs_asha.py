@@ -119,7 +119,7 @@ def main() -> None:
 
 
 def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
-    """Keras Tuner, then ours, with the same seed for the split, models and sampling."""
+    """Keras Tuner, then ours, same split and seed (each tuner draws configs its own way)."""
     data_flags = ["--data-dir", args.data_dir] if args.data_dir else []
     sizes = ["--train-size", str(args.train_size), "--val-size", str(args.val_size)]
     cmd = [sys.executable, __file__, "--keras-tuner", "--kt-dir",
