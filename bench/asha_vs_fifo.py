@@ -17,12 +17,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
 from report import emit
-from searchbench import search, time_to_target, workdir
+from searchbench import (
+    add_size_args,
+    median,
+    search,
+    size_flags,
+    target_for,
+    time_to_target,
+    workdir,
+)
 
 
 def main() -> None:
@@ -30,25 +37,22 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=12)
     p.add_argument("--max-epochs", type=int, default=6)
     p.add_argument("--reduction-factor", type=float, default=3)
-    p.add_argument("--train-size", type=int, default=6_000)
-    p.add_argument("--val-size", type=int, default=2_000)
+    add_size_args(p, train=6_000, val=2_000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="searcher seeds, one ASHA/FIFO pair each (default: 0)")
     p.add_argument("--target", type=float, help="validation accuracy to reach")
-    p.add_argument("--keep", help="keep the experiments in this folder (default: a temp folder)")
     args = p.parse_args()
     folder, stamp = workdir(args.keep), int(time.time())
     pairs = [pair(args, folder, f"{stamp}-s{seed}", seed) for seed in args.seeds]
-    ratios = [r["time_ratio"] for r in pairs if r["time_ratio"] is not None]
     emit("asha_vs_fifo", {
         "bench": "asha_vs_fifo", "space": "cnn", "num_samples": args.num_samples,
         "max_epochs": args.max_epochs, "reduction_factor": args.reduction_factor,
         "seeds": args.seeds, "train": args.train_size, "val": args.val_size,
         "target_rule": "given" if args.target is not None else "lower final best - 0.003",
         "per_seed": pairs,
-        "median_time_ratio": round(statistics.median(ratios), 3) if ratios else None,
-        "median_best_gap_points": round(statistics.median(r["best_gap_points"] for r in pairs), 2),
-        "median_wall_ratio": round(statistics.median(r["wall_ratio"] for r in pairs), 3),
+        "median_time_ratio": median([r["time_ratio"] for r in pairs]),
+        "median_best_gap_points": median([r["best_gap_points"] for r in pairs], 2),
+        "median_wall_ratio": median([r["wall_ratio"] for r in pairs]),
         "time_ratio_target": 0.4, "best_gap_target_points": 0.3,
         "machine": platform.machine(), "cpus": os.cpu_count(), "time": time.time(),
     })
@@ -62,10 +66,9 @@ def pair(args: argparse.Namespace, folder: Path, tag: str, seed: int) -> dict:
             folder, f"{scheduler}-{tag}", "--space", "cnn", "--scheduler", scheduler,
             "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
             "--reduction-factor", str(args.reduction_factor), "--seed", str(seed),
-            "--cpus-per-trial", "1", "--train-size", str(args.train_size), "--val-size",
-            str(args.val_size), "--time-budget", "3600")
+            "--cpus-per-trial", "1", *size_flags(args), "--time-budget", "3600")
     best = {k: float(r["epochs"]["val_accuracy"].max()) for k, r in runs.items()}
-    target = args.target if args.target is not None else round(min(best.values()) - 0.003, 4)
+    target = target_for(list(best.values()), args.target)
     ttt = {k: time_to_target(r["raw"], r["start"], target) for k, r in runs.items()}
     ratio = ttt["asha"] / ttt["fifo"] if ttt["asha"] is not None and ttt["fifo"] else None
     return {
@@ -78,6 +81,7 @@ def pair(args: argparse.Namespace, folder: Path, tag: str, seed: int) -> dict:
         "best_gap_points": round(100 * (best["fifo"] - best["asha"]), 2),
         "wall_ratio": round(runs["asha"]["wall_s"] / runs["fifo"]["wall_s"], 3),
     }
+
 
 if __name__ == "__main__":
     main()

@@ -22,14 +22,22 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from report import emit
-from searchbench import REPO, search, time_to_target, workdir
+from searchbench import (
+    REPO,
+    add_size_args,
+    median,
+    search,
+    size_flags,
+    target_for,
+    time_to_target,
+    workdir,
+)
 
 HISTORY: list[tuple[float, float]] = []  # (seconds since start, val_accuracy), every epoch
 
@@ -86,13 +94,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-epochs", type=int, default=9)
     p.add_argument("--factor", type=int, default=3)
-    p.add_argument("--train-size", type=int, default=6_000)
-    p.add_argument("--val-size", type=int, default=2_000)
+    add_size_args(p, train=6_000, val=2_000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="seeds, one Keras Tuner / ASHA pair each (default: 0)")
     p.add_argument("--data-dir")
     p.add_argument("--target", type=float, help="validation accuracy to reach")
-    p.add_argument("--keep", help="keep the experiments in this folder (default: a temp folder)")
     p.add_argument("--kt-dir", help=argparse.SUPPRESS)
     p.add_argument("--keras-tuner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--started-at", type=float, help=argparse.SUPPRESS)
@@ -103,16 +109,15 @@ def main() -> None:
         raise SystemExit("keras-tuner is not installed: .venv/bin/pip install -e '.[bench]'")
     folder = workdir(args.keep)
     pairs = [pair(args, folder, seed) for seed in args.seeds]
-    ratios = [r["time_ratio"] for r in pairs if r["time_ratio"] is not None]
     emit("kt_vs_asha", {
         "bench": "kt_vs_asha", "space": "cnn", "max_epochs": args.max_epochs,
         "factor": args.factor, "seeds": args.seeds, "train": args.train_size,
         "val": args.val_size,
         "target_rule": "given" if args.target is not None else "lower best - 0.003",
         "per_seed": pairs,
-        "median_time_ratio": round(statistics.median(ratios), 3) if ratios else None,
+        "median_time_ratio": median([r["time_ratio"] for r in pairs]),
         "ours_equal_or_better": sum(r["ours_best"] >= r["kt_best"] for r in pairs),
-        "median_wall_ratio": round(statistics.median(r["wall_ratio"] for r in pairs), 3),
+        "median_wall_ratio": median([r["wall_ratio"] for r in pairs]),
         "time_ratio_target": 0.6,
         "machine": platform.machine(), "cpus": os.cpu_count(), "time": time.time(),
     })
@@ -121,7 +126,7 @@ def main() -> None:
 def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
     """Keras Tuner, then ours, same split and seed (each tuner draws configs its own way)."""
     data_flags = ["--data-dir", args.data_dir] if args.data_dir else []
-    sizes = ["--train-size", str(args.train_size), "--val-size", str(args.val_size)]
+    sizes = size_flags(args)
     cmd = [sys.executable, __file__, "--keras-tuner", "--kt-dir",
            str(folder / f"keras-tuner-s{seed}"), "--max-epochs", str(args.max_epochs),
            "--factor", str(args.factor), "--seeds", str(seed), *sizes, *data_flags]
@@ -141,7 +146,7 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
                   "--time-budget", "3600", *sizes, *data_flags)
     kt_best = max(acc for _, acc in kt["history"])
     our_best = float(ours["epochs"]["val_accuracy"].max())
-    target = args.target if args.target is not None else round(min(kt_best, our_best) - 0.003, 4)
+    target = target_for([kt_best, our_best], args.target)
     kt_ttt = next((t for t, acc in kt["history"] if acc >= target), None)
     our_ttt = time_to_target(ours["raw"], ours["start"], target)
     ratio = our_ttt / kt_ttt if our_ttt is not None and kt_ttt else None

@@ -21,7 +21,7 @@ import sys
 import time
 
 from report import emit
-from searchbench import REFERENCE, REPO, reference_space, search, workdir
+from searchbench import REFERENCE, REPO, add_size_args, reference_space, search, size_flags, workdir
 
 
 def plain(args: argparse.Namespace) -> None:
@@ -44,10 +44,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--train-size", type=int, default=12_000)
-    p.add_argument("--val-size", type=int, default=3_000)
+    add_size_args(p, train=12_000, val=3_000)
     p.add_argument("--data-dir")
-    p.add_argument("--keep", help="keep the experiment in this folder (default: a temp folder)")
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plain:
@@ -56,8 +54,7 @@ def main() -> None:
     space = reference_space(folder)
     data_flags = ["--data-dir", args.data_dir] if args.data_dir else []
     cmd = [sys.executable, __file__, "--plain", "--runs", str(args.runs), "--epochs",
-           str(args.epochs), "--train-size", str(args.train_size), "--val-size",
-           str(args.val_size), *data_flags]
+           str(args.epochs), *size_flags(args), *data_flags]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -65,9 +62,8 @@ def main() -> None:
     plain_runs = json.loads(out.stdout.strip().splitlines()[-1])["run_s"]
     run = search(folder, f"overhead-{int(time.time())}", "--space", str(space),
                  "--num-samples", str(args.runs), "--max-epochs", str(args.epochs),
-                 "--scheduler", "fifo", "--cpus-per-trial", "2", "--train-size",
-                 str(args.train_size), "--val-size", str(args.val_size), "--time-budget",
-                 "3600", *data_flags)
+                 "--scheduler", "fifo", "--cpus-per-trial", "2", *size_flags(args),
+                 "--time-budget", "3600", *data_flags)
     emit("overhead", {
         "bench": "overhead", "config": REFERENCE, "runs": args.runs, "epochs": args.epochs,
         "train": args.train_size, "val": args.val_size,

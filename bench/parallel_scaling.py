@@ -18,20 +18,25 @@ import platform
 import time
 
 from report import emit
-from searchbench import REFERENCE, reference_space, search, workdir
+from searchbench import (
+    REFERENCE,
+    add_size_args,
+    epoch_starts,
+    reference_space,
+    search,
+    size_flags,
+    workdir,
+)
 
 
 def span_s(raw) -> float:
-    starts = raw["timestamp"].map(lambda t: t.timestamp()) - raw["epoch_time_s"]
-    return float(raw["timestamp"].max().timestamp() - starts.min())
+    return float(raw["timestamp"].max().timestamp() - epoch_starts(raw).min())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--train-size", type=int, default=12_000)
-    p.add_argument("--val-size", type=int, default=3_000)
-    p.add_argument("--keep", help="keep the experiments in this folder (default: a temp folder)")
+    add_size_args(p, train=12_000, val=3_000)
     args = p.parse_args()
     folder = workdir(args.keep)
     space = reference_space(folder)
@@ -41,8 +46,7 @@ def main() -> None:
         runs[label] = search(folder, f"scaling-{label}-{stamp}", "--space", str(space),
                              "--num-samples", "2", "--max-epochs", str(args.epochs),
                              "--scheduler", "fifo", "--cpus-per-trial", "1", "--max-concurrent",
-                             str(concurrent), "--train-size", str(args.train_size),
-                             "--val-size", str(args.val_size), "--time-budget", "3600")
+                             str(concurrent), *size_flags(args), "--time-budget", "3600")
     images = 2 * args.epochs * args.train_size
     thr = {k: images / span_s(r["raw"]) for k, r in runs.items()}
     emit("parallel_scaling", {

@@ -16,29 +16,26 @@ import platform
 import time
 
 from report import emit
-from searchbench import search, workdir
+from searchbench import add_size_args, epoch_starts, search, size_flags, workdir
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--max-epochs", type=int, default=4)
-    p.add_argument("--train-size", type=int, default=12_000)
-    p.add_argument("--val-size", type=int, default=3_000)
+    add_size_args(p, train=12_000, val=3_000)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
     p.add_argument("--scheduler", default="asha")
-    p.add_argument("--keep", help="keep the experiment in this folder (default: a temp folder)")
     args = p.parse_args()
     slots = max(1, min(args.cpus, args.num_samples))
     run = search(workdir(args.keep), f"eff-{int(time.time())}", "--space", "cnn",
                  "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
-                 "--train-size", str(args.train_size), "--val-size", str(args.val_size),
+                 *size_flags(args),
                  "--scheduler", args.scheduler, "--cpus-per-trial", "1", "--time-budget",
                  "3600")
     raw = run["raw"]
     inside = float(raw["epoch_time_s"].sum())
-    first = raw["timestamp"].min().timestamp() - raw.loc[raw["timestamp"].idxmin(),
-                                                        "epoch_time_s"]
+    first = float(epoch_starts(raw).min())
     emit("search_efficiency", {
         "bench": "search_efficiency", "space": "cnn", "scheduler": args.scheduler,
         "num_samples": args.num_samples, "max_epochs": args.max_epochs,

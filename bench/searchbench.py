@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -14,7 +16,19 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from results.store import ExperimentStore  # noqa: E402
+from results.store import ExperimentStore, canonical_epochs  # noqa: E402
+
+
+def add_size_args(p: argparse.ArgumentParser, train: int, val: int) -> None:
+    """--train-size, --val-size and --keep, as every search benchmark takes them."""
+    p.add_argument("--train-size", type=int, default=train)
+    p.add_argument("--val-size", type=int, default=val)
+    p.add_argument("--keep", help="keep the experiments in this folder (default: a temp folder)")
+
+
+def size_flags(args: argparse.Namespace) -> list[str]:
+    """The `search/run.py` flags for the benchmark's --train-size and --val-size."""
+    return ["--train-size", str(args.train_size), "--val-size", str(args.val_size)]
 
 
 def workdir(keep: str | None) -> Path:
@@ -42,8 +56,9 @@ def search(storage: Path, name: str, *flags: str, quiet: bool = True) -> dict:
         tail = (out.stderr or "")[-2000:] if quiet else ""
         raise SystemExit(f"search {name} exited {out.returncode}\n{tail}")
     store = ExperimentStore(str(storage), name)
-    return {"wall_s": wall, "start": t0_wall, "raw": store.read_epochs(canonical=False),
-            "epochs": store.read_epochs(), "trials": store.read_trials()}
+    raw = store.read_epochs(canonical=False)  # read once; the canonical view is derived
+    return {"wall_s": wall, "start": t0_wall, "raw": raw, "epochs": canonical_epochs(raw),
+            "trials": store.read_trials()}
 
 
 def time_to_target(epochs: pd.DataFrame, start: float, target: float) -> float | None:
@@ -52,6 +67,22 @@ def time_to_target(epochs: pd.DataFrame, start: float, target: float) -> float |
     if hit.empty:
         return None
     return float(hit["timestamp"].min().timestamp() - start)
+
+
+def epoch_starts(raw: pd.DataFrame) -> pd.Series:
+    """When each epoch row began (epoch seconds): its end timestamp minus its epoch time."""
+    return raw["timestamp"].map(lambda t: t.timestamp()) - raw["epoch_time_s"]
+
+
+def target_for(bests: list[float], given: float | None) -> float:
+    """The time-to-target level: `given`, else the lower of the final bests minus 0.3 points."""
+    return given if given is not None else round(min(bests) - 0.003, 4)
+
+
+def median(values: list[float | None], digits: int = 3) -> float | None:
+    """Median of the values that exist, rounded; None if there are none."""
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), digits) if present else None
 
 
 # The reference CNN: two conv blocks (32, 64 filters), dense 64, dropout 0.25, Adam 1e-3.
