@@ -339,7 +339,11 @@ def start_ray(args: argparse.Namespace) -> bool:
                   logging_level="WARNING", configure_logging=True)
     if args.address:
         check_reachable(args.address)
-        ray.init(address=args.address, **common)
+        try:
+            ray.init(address=args.address, **common)
+        except ConnectionError as exc:  # no cluster for "auto", a token refused, ...
+            first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
+            raise UsageError(f"--address {args.address}: {first.strip()}") from exc
     else:
         # Dashboard off and everything on loopback: nothing listens beyond this machine.
         ray.init(include_dashboard=False, dashboard_host="127.0.0.1",

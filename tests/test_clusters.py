@@ -203,6 +203,20 @@ def test_address_nobody_answers_on_is_refused_at_once(tiny_data_dir, tiny_space,
     assert not storage.exists()  # nothing written
 
 
+def test_address_auto_without_a_cluster_is_one_line(tiny_data_dir, tiny_space, tmp_path):
+    # Ray finds "auto" clusters through files under its temp dir; an empty one means none runs.
+    storage = tmp_path / "runs"
+    argv = search_args(tiny_data_dir, tiny_space, storage, "auto", "--address", "auto")
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "raytmp")}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "search/run.py", *argv], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error: --address auto: " in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not storage.exists()  # nothing written
+
+
 def test_local_storage_on_several_machines_is_refused():
     from search.run import storage_problem
 
