@@ -232,6 +232,11 @@ def resolve(argv: list[str]) -> Plan:
             raise UsageError(f"experiment {name!r} already exists under {args.storage}; "
                              "use --resume to continue it or another --name")
         args.name = name
+        # The saved settings must name the same files when --resume runs from another folder.
+        if args.space.endswith((".yaml", ".yml")) or "/" in args.space:
+            args.space = str(Path(args.space).expanduser().resolve())
+        if args.data_dir:
+            args.data_dir = str(Path(args.data_dir).expanduser().resolve())
     return Plan(args, space, splits, store, _settings_from(args), argv)
 
 

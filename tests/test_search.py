@@ -1,6 +1,8 @@
 """End-to-end searches on a real local Ray with tiny data and tiny models."""
 
 import io
+import json
+import shutil
 import subprocess
 import sys
 
@@ -171,6 +173,29 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data_dir, argv, match):
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
     assert "NO_RAY" in out.stdout
     assert not (tmp_path / "runs").exists() and not (tmp_path / "outside").exists()
+
+
+def test_resume_from_another_folder_with_relative_space_and_data(
+        ray_session, tiny_data_dir, tiny_space, tmp_path, monkeypatch):
+    # Relative --space and --data-dir are saved as absolute paths, so --resume works anywhere.
+    start, elsewhere, runs = tmp_path / "start", tmp_path / "elsewhere", tmp_path / "runs"
+    elsewhere.mkdir()
+    shutil.copytree(tiny_data_dir, start / "data")
+    (start / "my.yaml").write_text(tiny_space.read_text())
+    monkeypatch.chdir(start)
+    out = io.StringIO()
+    code = run.main(["--space", "my.yaml", "--data-dir", "data", "--storage", str(runs),
+                     "--name", "rel", "--train-size", "200", "--val-size", "100",
+                     "--num-samples", "2"], out=out)
+    assert code == 0, out.getvalue()
+    store = ExperimentStore(str(runs), "rel")
+    settings = json.loads(store.read_experiment()["settings"])
+    assert settings["space"] == str((start / "my.yaml").resolve())
+    assert settings["data_dir"] == str((start / "data").resolve())
+    monkeypatch.chdir(elsewhere)
+    assert run.main(["--storage", str(runs), "--name", "rel", "--resume"], out=out) == 0, \
+        out.getvalue()
+    assert len(store.read_trials()) == 2
 
 
 def test_existing_experiment_needs_resume(tmp_path, tiny_data_dir, tiny_space):
