@@ -38,10 +38,12 @@ from search.spaces import (  # noqa: E402
     SpaceError,
     check_searcher,
     grid_points,
+    is_space_file,
     list_spaces,
     load_space,
     parse_override,
     space_json,
+    space_path,
 )
 
 SCHEDULERS = ("asha", "hyperband", "median", "fifo")
@@ -233,8 +235,8 @@ def resolve(argv: list[str]) -> Plan:
                              "use --resume to continue it or another --name")
         args.name = name
         # The saved settings must name the same files when --resume runs from another folder.
-        if args.space.endswith((".yaml", ".yml")) or "/" in args.space:
-            args.space = str(Path(args.space).expanduser().resolve())
+        if is_space_file(args.space):
+            args.space = str(space_path(args.space).resolve())
         if args.data_dir:
             args.data_dir = str(Path(args.data_dir).expanduser().resolve())
     return Plan(args, space, splits, store, _settings_from(args), argv)

@@ -99,9 +99,14 @@ def list_spaces() -> list[str]:
     return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
 
 
+def is_space_file(name_or_path: str) -> bool:
+    """A path to a space file (ends in .yaml/.yml or has a '/'), not a shipped space's name."""
+    return name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path
+
+
 def space_path(name_or_path: str) -> Path:
     """`vgg` -> search/spaces/vgg.yaml; anything ending in .yaml/.yml is a path."""
-    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
+    if is_space_file(name_or_path):
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise SpaceError(f"space file {path} does not exist")
