@@ -46,7 +46,7 @@ from search.spaces import (  # noqa: E402
     space_path,
 )
 
-SCHEDULERS = ("asha", "hyperband", "median", "fifo")
+SCHEDULERS = ("asha", "asha-promote", "hyperband", "median", "fifo")
 SEARCHERS = ("random", "optuna", "hyperopt", "grid")
 # The default run finishes on a laptop CPU in about 15 minutes; --full is the real study.
 # Measured here: 8 VGG samples at 4 epochs on 12k+12k images hit the 14-min budget with two
@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num-samples", type=int, help="configurations to sample (per grid point with grids)")
     a("--max-epochs", type=int, help="epochs of a trial that is never stopped (max_t); "
       "default: the space's `epochs`, capped at 3 without --full")
-    a("--grace-period", type=int, default=1, help="asha/median: epochs before a trial may stop")
+    a("--grace-period", type=int, default=1,
+      help="asha, asha-promote, median: epochs before a trial may stop (the first rung)")
     a("--reduction-factor", type=float, default=3.0,
-      help="asha/hyperband: keep 1/factor of the trials at each rung")
+      help="asha, asha-promote, hyperband: keep 1/factor of the trials at each rung")
     a("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (TF threads follow)")
     a("--gpus-per-trial", type=float, default=0.0,
       help="GPUs per trial; fractions pack trials on one GPU (0.25 = four per GPU)")
@@ -206,6 +207,10 @@ def resolve(argv: list[str]) -> Plan:
         (args.max_concurrent is None or args.max_concurrent >= 1,
          f"--max-concurrent must be >= 1, got {args.max_concurrent}"),
         (args.max_failures >= 0, f"--max-failures must be >= 0, got {args.max_failures}"),
+        (not (args.max_concurrent and args.scheduler == "asha-promote"),
+         "--max-concurrent cannot be used with --scheduler asha-promote: its paused trials "
+         "count against the limit and would block new ones; --cpus-per-trial sets how many "
+         "run at once"),
         (args.time_budget is None or args.time_budget > 0,
          f"--time-budget must be > 0 seconds, got {args.time_budget}"),
         (args.train_size is None or args.train_size >= 1,
@@ -262,10 +267,13 @@ def describe(plan: Plan, cpus: float | None) -> str:
     lines.append(f"data: {src.dataset} from {src.location}, train {len(plan.splits.y_train)} / "
                  f"val {len(plan.splits.y_val)} (test split not loaded), "
                  f"fingerprint {src.fingerprint[:12]}")
-    if a.scheduler == "asha":
+    if a.scheduler in ("asha", "asha-promote"):
         rungs = asha_rungs(a.grace_period, a.reduction_factor, a.max_epochs)
-        sched = (f"asha (grace {a.grace_period}, reduction {a.reduction_factor:g}, max_t "
-                 f"{a.max_epochs}): rungs at epochs {', '.join(map(str, rungs)) or '-'}")
+        how = ("a trial waits at each rung until it ranks in the top 1/reduction"
+               if a.scheduler == "asha-promote" else "stop-or-continue on reaching each rung")
+        sched = (f"{a.scheduler} (grace {a.grace_period}, reduction {a.reduction_factor:g}, "
+                 f"max_t {a.max_epochs}): rungs at epochs {', '.join(map(str, rungs)) or '-'}; "
+                 f"{how}")
     elif a.scheduler == "hyperband":
         sched = f"hyperband (reduction {a.reduction_factor:g}, max_t {a.max_epochs})"
     elif a.scheduler == "median":
@@ -392,6 +400,12 @@ def make_scheduler(args: argparse.Namespace):
         return ASHAScheduler(time_attr="training_iteration", max_t=args.max_epochs,
                              grace_period=args.grace_period,
                              reduction_factor=args.reduction_factor)
+    if args.scheduler == "asha-promote":
+        from search.schedulers import PromotingASHA
+
+        return PromotingASHA(max_t=args.max_epochs, reduction_factor=args.reduction_factor,
+                             rungs=asha_rungs(args.grace_period, args.reduction_factor,
+                                              args.max_epochs))
     if args.scheduler == "hyperband":
         return HyperBandScheduler(time_attr="training_iteration", max_t=args.max_epochs,
                                   reduction_factor=args.reduction_factor)
@@ -432,8 +446,8 @@ def experiment_row(plan: Plan, resources: dict[str, Any]) -> dict[str, Any]:
                                "reduction_factor": a.reduction_factor, "metric": METRIC,
                                "mode": MODE,
                                "rungs": asha_rungs(a.grace_period, a.reduction_factor,
-                                                   a.max_epochs) if a.scheduler == "asha"
-                               else []},
+                                                   a.max_epochs)
+                               if a.scheduler in ("asha", "asha-promote") else []},
         "searcher": a.searcher,
         "searcher_settings": {"seed": a.seed, "num_samples": a.num_samples,
                               "max_concurrent": a.max_concurrent},

@@ -153,6 +153,8 @@ def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
         (["--storage", "http://example.com/runs"], "unsupported scheme 'http'"),
         (["--storage", " "], "--storage is empty"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+        (["--scheduler", "asha-promote", "--max-concurrent", "2"],
+         "--max-concurrent cannot be used with --scheduler asha-promote"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data_dir, argv, match):
@@ -288,3 +290,79 @@ def test_max_concurrent_one_runs_trials_one_after_the_other(ray_session, tiny_da
     spans = spans.sort_values("start")
     assert len(spans) == 3
     assert (spans["start"].iloc[1:].to_numpy() >= spans["end"].iloc[:-1].to_numpy()).all(), spans
+
+
+class _Arrival:
+    """What on_trial_result reads of a trial: its id (no Ray state involved)."""
+
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
+def test_asha_promote_continues_only_the_top_third_of_a_rung():
+    from search.schedulers import PromotingASHA
+
+    sched = PromotingASHA(max_t=9, rungs=[1, 3], reduction_factor=3, metric="val_accuracy",
+                          mode="max")
+    scores = {"a": 0.2, "b": 0.3, "c": 0.5, "d": 0.4, "e": 0.1, "f": 0.6}
+    decisions = {tid: sched.on_trial_result(None, _Arrival(tid), {"training_iteration": 1,
+                                                                  "val_accuracy": acc})
+                 for tid, acc in scores.items()}
+    # a, b: fewer than 3 recorded, nobody can be in the top third yet. c: top 1 of 3.
+    # d: 4 recorded, top 1 is c (promoted already). e: last of 5. f: top 2 of 6 are f and c.
+    assert decisions == {"a": "PAUSE", "b": "PAUSE", "c": "CONTINUE", "d": "PAUSE",
+                         "e": "PAUSE", "f": "CONTINUE"}
+    # Nothing else is promotable by floor(6/3); finishing (ceil) does not add one either.
+    assert not any(sched.promotable(1, tid) for tid in scores)
+    assert not any(sched.promotable(1, tid, finishing=True) for tid in scores)
+    # A rung with two trials promotes nobody by floor(2/3), the better one by ceil.
+    for tid in ("c", "f"):
+        assert sched.on_trial_result(None, _Arrival(tid), {"training_iteration": 3,
+                                                           "val_accuracy": scores[tid]}) == "PAUSE"
+    assert [sched.promotable(3, t, finishing=True) for t in ("c", "f")] == [False, True]
+    assert not sched.promotable(3, "f")
+    # Later epochs between rungs continue; max_t stops; a NaN ranks last.
+    assert sched.on_trial_result(None, _Arrival("c"), {"training_iteration": 2,
+                                                       "val_accuracy": 0.5}) == "CONTINUE"
+    assert sched.on_trial_result(None, _Arrival("f"), {"training_iteration": 9,
+                                                       "val_accuracy": 0.7}) == "STOP"
+    sched.on_trial_result(None, _Arrival("g"), {"training_iteration": 1,
+                                               "val_accuracy": float("nan")})
+    assert not sched.promotable(1, "g", finishing=True)
+
+
+@pytest.mark.parametrize("searcher", ["random", "optuna"])
+def test_asha_promote_pauses_at_rungs_and_resumes_the_best(ray_session, tiny_data_dir,
+                                                           tiny_space, tmp_path, searcher):
+    # 6 configs, 9 epochs, factor 3: rungs at epochs 1 and 3. Each trial ends at a rung or at 9.
+    name = f"promote-{searcher}"
+    out = io.StringIO()
+    code = run.main(search_args(tiny_data_dir, tiny_space, tmp_path, name, "--scheduler",
+                                "asha-promote", "--searcher", searcher, "--num-samples", "6",
+                                "--max-epochs", "9", "--seed", "3"), out=out)
+    assert code == 0, out.getvalue()
+    store = ExperimentStore(str(tmp_path), name)
+    trials, raw = store.read_trials(), store.read_epochs(canonical=False)
+    epochs = store.read_epochs()
+    assert len(trials) == 6 and len(raw) == len(epochs)  # no epoch ran twice
+    for row in trials.itertuples():
+        mine = epochs[epochs["trial_id"] == row.trial_id]["epoch"].tolist()
+        assert mine == list(range(1, row.epochs + 1)), row.trial_id
+        assert row.epochs in (1, 3, 9), row
+        expected = "completed" if row.epochs == 9 else "stopped"
+        assert row.status == expected, row
+    assert (trials["epochs"] == 9).sum() >= 1
+    assert len(epochs) < 6 * 9
+    # At each rung the best trial recorded there went on.
+    for rung, nxt in ((1, 3), (3, 9)):
+        at = epochs[epochs["epoch"] == rung]
+        best = at.loc[at["val_accuracy"].idxmax(), "trial_id"]
+        assert trials.set_index("trial_id").loc[best, "epochs"] >= nxt, (rung, best)
+    # No trial began epoch 2 before 3 trials had reported epoch 1: the first arrivals waited
+    # (paused), where Ray's ASHA lets the first trial at a rung go on at once.
+    epochs["start"] = epochs["timestamp"] - pd.to_timedelta(epochs["epoch_time_s"], unit="s")
+    third_at_rung = epochs[epochs["epoch"] == 1]["timestamp"].sort_values().iloc[2]
+    assert (epochs[epochs["epoch"] == 2]["start"] >= third_at_rung).all()
+    # A trial that waited and was promoted resumed from its checkpoint (a new attempt).
+    resumed = raw[(raw["epoch"] > 1) & (raw["attempt"] >= 1)]
+    assert not resumed.empty

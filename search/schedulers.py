@@ -1,0 +1,156 @@
+"""Promotion-based ASHA for Ray Tune (`--scheduler asha-promote`).
+
+Ray's `AsyncHyperBandScheduler` (`--scheduler asha`) decides stop-or-continue the moment a trial
+reaches a rung, against the trials recorded there so far: the first trial at a rung always
+continues and the second continues if it beats the first, so with a few dozen configs the first
+ones often run every epoch. This is the ASHA of Li et al., "A System for Massively Parallel
+Hyperparameter Tuning" (MLSys 2020): a trial that reaches a rung is paused (checkpointed, its
+worker handed on) unless it already ranks in the top floor(n / factor) of the n trials recorded
+at that rung. Whenever a worker can take work, the best paused trial that has become promotable
+(highest rung first) resumes from its checkpoint before any new config starts.
+
+With a finite number of configs floor(n / factor) can leave a rung with no promotion at all
+(two trials at a rung, factor 3), so when no new config is waiting to start (the searcher is
+done, or nothing runs at all) promotion goes by ceil(n / factor) instead: the best trial always
+reaches max_t. When nothing runs, nothing waits and nothing is promotable, the paused trials
+left are stopped.
+
+Paused trials count as live for a concurrency limit (`--max-concurrent`), which would let them
+block new configs forever, so run.py refuses the two together; the trial's resources set how
+many run at once.
+
+A `--resume`d search starts with empty rungs: trials that were paused resume and are judged
+again at their next rung (some repeated work, nothing lost).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+
+class PromotingASHA(FIFOScheduler):
+    """ASHA with pause-and-promote; see the module docstring."""
+
+    def __init__(self, max_t: int, rungs: list[int], reduction_factor: float,
+                 metric: str | None = None, mode: str | None = None,
+                 time_attr: str = "training_iteration"):
+        super().__init__()
+        if reduction_factor <= 1 or any(not 1 <= r < max_t for r in rungs):
+            raise ValueError(f"need reduction_factor > 1 and rungs in [1, {max_t}), "
+                             f"got {reduction_factor}, {rungs}")
+        self._max_t = max_t
+        self._factor = reduction_factor
+        self._time_attr = time_attr
+        self._metric, self._mode = metric, mode
+        self.rungs = sorted(set(rungs))  # epochs at which a trial waits for promotion
+        self._recorded: dict[int, dict[str, float]] = {r: {} for r in self.rungs}
+        self._promoted: dict[int, set[str]] = {r: set() for r in self.rungs}
+        self._paused_at: dict[str, int] = {}  # trial id -> the rung it waits at
+        self._chosen: set[str] = set()  # promoted, not running yet: they go first
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        if self._metric and metric and self._metric != metric:
+            return False
+        self._metric = self._metric or metric
+        self._mode = self._mode or mode
+        return True
+
+    # ---------------------------------------------------------------- decisions
+
+    def _score(self, result: dict[str, Any]) -> float:
+        value = result.get(self._metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return -math.inf
+        return float(value) if self._mode != "min" else -float(value)
+
+    def promotable(self, rung: int, trial_id: str, finishing: bool = False) -> bool:
+        """Is `trial_id` in the top floor(n / factor) (ceil when `finishing`) of its rung and
+        not promoted from it yet?"""
+        recorded = self._recorded[rung]
+        if trial_id not in recorded or trial_id in self._promoted[rung]:
+            return False
+        n = len(recorded)
+        k = math.ceil(n / self._factor) if finishing else math.floor(n / self._factor)
+        # Ties go to the trial recorded first (dicts keep insertion order; sorted is stable).
+        top = sorted(recorded, key=recorded.__getitem__, reverse=True)[:k]
+        return trial_id in top
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        t = int(result.get(self._time_attr, 0))
+        if t >= self._max_t:
+            return TrialScheduler.STOP
+        tid = trial.trial_id
+        self._chosen.discard(tid)
+        if t in self._recorded and tid not in self._recorded[t]:
+            self._recorded[t][tid] = self._score(result)
+            if self.promotable(t, tid):
+                self._promoted[t].add(tid)
+                return TrialScheduler.CONTINUE
+            self._paused_at[tid] = t
+            return TrialScheduler.PAUSE
+        return TrialScheduler.CONTINUE
+
+    def _forget(self, trial: Trial) -> None:
+        self._chosen.discard(trial.trial_id)
+        self._paused_at.pop(trial.trial_id, None)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
+        self._forget(trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        self._forget(trial)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
+        self._forget(trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        """A promoted trial first, then a new config; stop the paused rest when all is done.
+
+        Tune calls this before it hands a free (or cached) worker to any other pending trial,
+        and calls it again every step, so returning the promoted trial until it runs keeps its
+        place ahead of the new configs queued for workers.
+        """
+        trials = tune_controller.get_trials()
+        by_id = {t.trial_id: t for t in trials}
+        for tid in list(self._chosen):
+            trial = by_id.get(tid)
+            if trial is not None and trial.status in (Trial.PENDING, Trial.PAUSED):
+                return trial
+            self._chosen.discard(tid)
+        new = [t for t in trials if t.status == Trial.PENDING]
+        running = any(t.status == Trial.RUNNING for t in trials)
+        # No new config to start: one that is not coming (searcher done) or a worker that
+        # would sit idle. Either way waiting for more trials at a rung gains nothing.
+        finishing = not new and (tune_controller.search_alg.is_finished() or not running)
+        promote = self._best_promotable(by_id, finishing)
+        if promote is not None:
+            rung = self._paused_at.pop(promote.trial_id)
+            self._promoted[rung].add(promote.trial_id)
+            self._chosen.add(promote.trial_id)
+            return promote
+        if new:
+            return new[0]
+        if finishing and not running and tune_controller.search_alg.is_finished():
+            for trial in trials:  # nothing runs, waits or can be promoted: the search is over
+                if trial.status == Trial.PAUSED:
+                    self._paused_at.pop(trial.trial_id, None)
+                    tune_controller.stop_trial(trial)
+        return None
+
+    def _best_promotable(self, by_id: dict[str, Trial], finishing: bool) -> Trial | None:
+        for rung in reversed(self.rungs):
+            waiting = [tid for tid, r in self._paused_at.items() if r == rung
+                       and by_id.get(tid) is not None and by_id[tid].status == Trial.PAUSED]
+            for tid in sorted(waiting, key=self._recorded[rung].__getitem__, reverse=True):
+                if self.promotable(rung, tid, finishing):
+                    return by_id[tid]
+        return None
+
+    def debug_string(self) -> str:
+        sizes = ", ".join(f"{r}: {len(self._recorded[r])} recorded / "
+                          f"{len(self._promoted[r])} promoted" for r in self.rungs)
+        return f"ASHA (promotion-based), rungs {sizes}"
