@@ -41,12 +41,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="searcher seeds, one ASHA/FIFO pair each (default: 0)")
     p.add_argument("--target", type=float, help="validation accuracy to reach")
+    p.add_argument("--asha", choices=("asha-promote", "asha"), default="asha-promote",
+                   help="promotion-based ASHA (default) or Ray's stop-based one")
     args = p.parse_args()
     folder, stamp = workdir(args.keep), int(time.time())
     pairs = [pair(args, folder, f"{stamp}-s{seed}", seed) for seed in args.seeds]
     emit("asha_vs_fifo", {
         "bench": "asha_vs_fifo", "space": "cnn", "num_samples": args.num_samples,
-        "max_epochs": args.max_epochs, "reduction_factor": args.reduction_factor,
+        "asha": args.asha, "max_epochs": args.max_epochs,
+        "reduction_factor": args.reduction_factor,
         "seeds": args.seeds, "train": args.train_size, "val": args.val_size,
         "target_rule": "given" if args.target is not None else "lower final best - 0.003",
         "per_seed": pairs,
@@ -61,8 +64,8 @@ def main() -> None:
 def pair(args: argparse.Namespace, folder: Path, tag: str, seed: int) -> dict:
     """One ASHA run and one FIFO run with the same searcher seed; their figures."""
     runs = {}
-    for scheduler in ("asha", "fifo"):
-        runs[scheduler] = search(
+    for key, scheduler in (("asha", args.asha), ("fifo", "fifo")):
+        runs[key] = search(
             folder, f"{scheduler}-{tag}", "--space", "cnn", "--scheduler", scheduler,
             "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
             "--reduction-factor", str(args.reduction_factor), "--seed", str(seed),

@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="seeds, one Keras Tuner / ASHA pair each (default: 0)")
     p.add_argument("--data-dir")
+    p.add_argument("--asha", choices=("asha-promote", "asha"), default="asha-promote",
+                   help="our scheduler: promotion-based ASHA (default) or Ray's stop-based one")
     p.add_argument("--target", type=float, help="validation accuracy to reach")
     p.add_argument("--kt-dir", help=argparse.SUPPRESS)
     p.add_argument("--keras-tuner", action="store_true", help=argparse.SUPPRESS)
@@ -111,7 +113,7 @@ def main() -> None:
     pairs = [pair(args, folder, seed) for seed in args.seeds]
     emit("kt_vs_asha", {
         "bench": "kt_vs_asha", "space": "cnn", "max_epochs": args.max_epochs,
-        "factor": args.factor, "seeds": args.seeds, "train": args.train_size,
+        "factor": args.factor, "ours": args.asha, "seeds": args.seeds, "train": args.train_size,
         "val": args.val_size,
         "target_rule": "given" if args.target is not None else "lower best - 0.003",
         "per_seed": pairs,
@@ -139,8 +141,8 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"keras tuner exited {out.returncode}\n{out.stderr[-2000:]}")
     kt = json.loads(out.stdout.strip().splitlines()[-1])
-    ours = search(folder, f"asha-{int(time.time())}-s{seed}", "--space", "cnn", "--scheduler",
-                  "asha", "--num-samples", str(kt["configs"]), "--max-epochs",
+    ours = search(folder, f"{args.asha}-{int(time.time())}-s{seed}", "--space", "cnn",
+                  "--scheduler", args.asha, "--num-samples", str(kt["configs"]), "--max-epochs",
                   str(args.max_epochs), "--reduction-factor", str(args.factor),
                   "--grace-period", "1", "--seed", str(seed), "--cpus-per-trial", "1",
                   "--time-budget", "3600", *sizes, *data_flags)
