@@ -2,8 +2,9 @@
 
     python bench/asha_vs_fifo.py [--num-samples 12] [--max-epochs 6] [--seeds 0 1 2]
 
-Runs `search/run.py --space cnn` twice, once per scheduler, with the same `--seed` (so the
-random searcher proposes the same configs in the same order) and one CPU per trial; once per
+Runs `search/run.py --space cnn` twice, ASHA (the promotion-based `asha-promote`; `--asha asha`
+for Ray's) and FIFO, with the same `--seed` (so the random searcher proposes the same configs
+in the same order) and one CPU per trial; once per
 seed given (13-17 minutes per seed here). Which configs come first decides much of a single
 pair's result, so the summary has every seed's figures and their medians. Reports
 each run's final best validation accuracy and the time, from the command's start, until its

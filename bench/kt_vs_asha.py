@@ -4,11 +4,12 @@
     python bench/kt_vs_asha.py [--max-epochs 9] [--factor 3] [--seeds 0 1 2]
 
 Both search the `cnn` space (Keras Tuner gets the same distributions, translated), with the
-same max epochs and reduction factor, the same train/validation split, on the same machine,
-one after the other; once per seed given (15-23 minutes per seed here). Which configs come
-first decides much of a single pair's result, so the summary has every seed's figures and
-their medians. Keras Tuner runs as its documented single process (TensorFlow using all
-cores); ours is `search/run.py` with ASHA, one CPU per trial, sampling as many configs as
+same max epochs and reduction factor, the same train/validation split (2,500 / 2,000 images
+by default), on the same machine, one after the other; once per seed given (10-15 minutes per
+seed here; 15-29 with `--train-size 6000`). Which configs come first decides much of a single
+pair's result, so the summary has every seed's figures and their medians. Keras Tuner runs as
+its documented single process (TensorFlow using all cores); ours is `search/run.py` with the
+promotion-based ASHA (`--asha asha` for Ray's), one CPU per trial, sampling as many configs as
 Hyperband did. Times run from each command's start. Unless `--target` is given, the target is
 the lower of the two bests minus 0.3 points. Targets: ours <= 0.6x Keras Tuner's time to the
 target, at equal or better best accuracy. Prints one JSON line, appended to
@@ -94,7 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-epochs", type=int, default=9)
     p.add_argument("--factor", type=int, default=3)
-    add_size_args(p, train=6_000, val=2_000)
+    add_size_args(p, train=2_500, val=2_000)  # a pair took 15-29 min at 6,000, 15.3 at 3,000
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="seeds, one Keras Tuner / ASHA pair each (default: 0)")
     p.add_argument("--data-dir")

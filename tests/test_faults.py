@@ -183,3 +183,44 @@ def test_driver_killed_at_random_moments_then_resumed(tiny_data_dir, tiny_space,
     assert seen <= set(_keys(epochs))
     assert _completed(store) >= completed[-1]
     assert not list(Path(tmp_path / "killed").rglob("*.tmp")), why
+
+
+def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir, tiny_space,
+                                                                   tmp_path):
+    # Kill the driver (and its Ray) once 3 trials have reported epoch 1: by then at least two
+    # of them wait paused at the rung. --resume brings them back; nothing may be lost or
+    # recorded twice, and the search must still end with a trial at max_t.
+    samples, max_epochs = 6, 9
+    start = [sys.executable, "search/run.py",
+             *search_args(tiny_data_dir, tiny_space, tmp_path, "waiting", "--num-samples",
+                          str(samples), "--max-epochs", str(max_epochs), "--scheduler",
+                          "asha-promote", "--seed", "2")]
+    store = ExperimentStore(str(tmp_path), "waiting")
+    proc = subprocess.Popen(start, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    before = None
+    while proc.poll() is None and time.monotonic() < deadline:
+        if store.has_ray_state():
+            epochs = store.read_epochs()
+            if (epochs["epoch"] == 1).sum() >= 3:
+                before = epochs
+                break
+        time.sleep(0.3)
+    assert before is not None and proc.poll() is None, "the search ended before the kill"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    seen = set(_keys(store.read_epochs()))
+    resumed = subprocess.run([sys.executable, "search/run.py", "--storage", str(tmp_path),
+                              "--name", "waiting", "--resume"], cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials, epochs = store.read_trials(), store.read_epochs()
+    assert len(trials) == samples and set(trials["status"]) <= {"completed", "stopped"}
+    assert seen <= set(_keys(epochs))  # nothing seen before the kill went missing
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    for row in trials.itertuples():
+        mine = epochs[epochs["trial_id"] == row.trial_id]["epoch"].tolist()
+        assert mine == list(range(1, row.epochs + 1)), row.trial_id
+    assert (trials["epochs"] == max_epochs).any()
+    assert not list((tmp_path / "waiting").rglob("*.tmp"))
