@@ -47,6 +47,7 @@ from search.spaces import (  # noqa: E402
 )
 
 SCHEDULERS = ("asha", "asha-promote", "hyperband", "median", "fifo")
+ASHAS = ("asha", "asha-promote")  # the schedulers with rungs at grace x factor^k
 SEARCHERS = ("random", "optuna", "hyperopt", "grid")
 # The default run finishes on a laptop CPU in about 15 minutes; --full is the real study.
 # Measured here: 8 VGG samples at 4 epochs on 12k+12k images hit the 14-min budget with two
@@ -267,7 +268,7 @@ def describe(plan: Plan, cpus: float | None) -> str:
     lines.append(f"data: {src.dataset} from {src.location}, train {len(plan.splits.y_train)} / "
                  f"val {len(plan.splits.y_val)} (test split not loaded), "
                  f"fingerprint {src.fingerprint[:12]}")
-    if a.scheduler in ("asha", "asha-promote"):
+    if a.scheduler in ASHAS:
         rungs = asha_rungs(a.grace_period, a.reduction_factor, a.max_epochs)
         how = ("a trial waits at each rung until it ranks in the top 1/reduction"
                if a.scheduler == "asha-promote" else "stop-or-continue on reaching each rung")
@@ -447,7 +448,7 @@ def experiment_row(plan: Plan, resources: dict[str, Any]) -> dict[str, Any]:
                                "mode": MODE,
                                "rungs": asha_rungs(a.grace_period, a.reduction_factor,
                                                    a.max_epochs)
-                               if a.scheduler in ("asha", "asha-promote") else []},
+                               if a.scheduler in ASHAS else []},
         "searcher": a.searcher,
         "searcher_settings": {"seed": a.seed, "num_samples": a.num_samples,
                               "max_concurrent": a.max_concurrent},

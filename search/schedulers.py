@@ -70,14 +70,16 @@ class PromotingASHA(FIFOScheduler):
     def promotable(self, rung: int, trial_id: str, finishing: bool = False) -> bool:
         """Is `trial_id` in the top floor(n / factor) (ceil when `finishing`) of its rung and
         not promoted from it yet?"""
+        return trial_id in self._candidates(rung, finishing)
+
+    def _candidates(self, rung: int, finishing: bool) -> list[str]:
+        """The rung's top floor(n / factor) (ceil when `finishing`) not yet promoted, best first."""
         recorded = self._recorded[rung]
-        if trial_id not in recorded or trial_id in self._promoted[rung]:
-            return False
         n = len(recorded)
         k = math.ceil(n / self._factor) if finishing else math.floor(n / self._factor)
         # Ties go to the trial recorded first (dicts keep insertion order; sorted is stable).
         top = sorted(recorded, key=recorded.__getitem__, reverse=True)[:k]
-        return trial_id in top
+        return [tid for tid in top if tid not in self._promoted[rung]]
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         t = int(result.get(self._time_attr, 0))
@@ -123,9 +125,10 @@ class PromotingASHA(FIFOScheduler):
             self._chosen.discard(tid)
         new = [t for t in trials if t.status == Trial.PENDING]
         running = any(t.status == Trial.RUNNING for t in trials)
+        searched = tune_controller.search_alg.is_finished()
         # No new config to start: one that is not coming (searcher done) or a worker that
         # would sit idle. Either way waiting for more trials at a rung gains nothing.
-        finishing = not new and (tune_controller.search_alg.is_finished() or not running)
+        finishing = not new and (searched or not running)
         promote = self._best_promotable(by_id, finishing)
         if promote is not None:
             rung = self._paused_at.pop(promote.trial_id)
@@ -134,20 +137,18 @@ class PromotingASHA(FIFOScheduler):
             return promote
         if new:
             return new[0]
-        if finishing and not running and tune_controller.search_alg.is_finished():
-            for trial in trials:  # nothing runs, waits or can be promoted: the search is over
+        if not running and searched:  # nothing runs, waits or can be promoted: all done
+            for trial in trials:
                 if trial.status == Trial.PAUSED:
-                    self._paused_at.pop(trial.trial_id, None)
-                    tune_controller.stop_trial(trial)
+                    tune_controller.stop_trial(trial)  # calls on_trial_remove -> _forget
         return None
 
     def _best_promotable(self, by_id: dict[str, Trial], finishing: bool) -> Trial | None:
         for rung in reversed(self.rungs):
-            waiting = [tid for tid, r in self._paused_at.items() if r == rung
-                       and by_id.get(tid) is not None and by_id[tid].status == Trial.PAUSED]
-            for tid in sorted(waiting, key=self._recorded[rung].__getitem__, reverse=True):
-                if self.promotable(rung, tid, finishing):
-                    return by_id[tid]
+            for tid in self._candidates(rung, finishing):
+                trial = by_id.get(tid)
+                if self._paused_at.get(tid) == rung and trial and trial.status == Trial.PAUSED:
+                    return trial
         return None
 
     def debug_string(self) -> str:
