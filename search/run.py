@@ -48,6 +48,7 @@ from search.spaces import (  # noqa: E402
 
 SCHEDULERS = ("asha", "asha-promote", "hyperband", "median", "fifo")
 ASHAS = ("asha", "asha-promote")  # the schedulers with rungs at grace x factor^k
+PAUSING = ("asha-promote", "hyperband")  # park trials at rungs, resume them later
 SEARCHERS = ("random", "optuna", "hyperopt", "grid")
 # The default run finishes on a laptop CPU in about 15 minutes; --full is the real study.
 # Measured here: 8 VGG samples at 4 epochs on 12k+12k images hit the 14-min budget with two
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (TF threads follow)")
     a("--gpus-per-trial", type=float, default=0.0,
       help="GPUs per trial; fractions pack trials on one GPU (0.25 = four per GPU)")
-    a("--max-concurrent", type=int, help="at most this many trials at once")
+    a("--max-concurrent", type=int,
+      help="at most this many trials at once (not with asha-promote or hyperband)")
     a("--max-failures", type=int, default=2,
       help="retries of a failed trial from its last checkpoint")
     a("--time-budget", type=float, help="stop the search after this many seconds")
@@ -208,10 +210,10 @@ def resolve(argv: list[str]) -> Plan:
         (args.max_concurrent is None or args.max_concurrent >= 1,
          f"--max-concurrent must be >= 1, got {args.max_concurrent}"),
         (args.max_failures >= 0, f"--max-failures must be >= 0, got {args.max_failures}"),
-        (not (args.max_concurrent and args.scheduler == "asha-promote"),
-         "--max-concurrent cannot be used with --scheduler asha-promote: its paused trials "
-         "count against the limit and would block new ones; --cpus-per-trial sets how many "
-         "run at once"),
+        (not (args.max_concurrent and args.scheduler in PAUSING),
+         f"--max-concurrent cannot be used with --scheduler {args.scheduler}: its paused trials "
+         "count against the limit and block the new ones it waits for (hyperband then prunes "
+         "nothing); --cpus-per-trial sets how many run at once"),
         (args.time_budget is None or args.time_budget > 0,
          f"--time-budget must be > 0 seconds, got {args.time_budget}"),
         (args.train_size is None or args.train_size >= 1,

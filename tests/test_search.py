@@ -155,6 +155,8 @@ def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
         (["--scheduler", "asha-promote", "--max-concurrent", "2"],
          "--max-concurrent cannot be used with --scheduler asha-promote"),
+        (["--scheduler", "hyperband", "--max-concurrent", "2"],
+         "--max-concurrent cannot be used with --scheduler hyperband"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data_dir, argv, match):
