@@ -1,16 +1,21 @@
 """Time to target: ASHA vs FIFO on the `cnn` space, same searcher seed, same sampled configs.
 
-    python bench/asha_vs_fifo.py [--num-samples 12] [--max-epochs 6] [--seeds 0 1 2]
+    python bench/asha_vs_fifo.py [--num-samples 27] [--max-epochs 9] [--seeds 0 1 2]
 
 Runs `search/run.py --space cnn` twice, ASHA (the promotion-based `asha-promote`; `--asha asha`
-for Ray's) and FIFO, with the same `--seed` (so the random searcher proposes the same configs
-in the same order) and one CPU per trial; once per
-seed given (13-17 minutes per seed here). Which configs come first decides much of a single
-pair's result, so the summary has every seed's figures and their medians. Reports
-each run's final best validation accuracy and the time, from the command's start, until its
-best first reached the target. Unless `--target` is given, the target is the lower of the two
-final bests minus 0.3 points (a level both runs reached). Targets: ASHA <= 0.4x FIFO's time,
-final bests within 0.3 points. Prints one JSON line, appended to bench/results/asha_vs_fifo.jsonl.
+for Ray's) and FIFO, with the same `--seed` (so the random searcher proposes the same configs in
+the same order) and one CPU per trial; once per seed given. The default search is sized the way
+ASHA is used: 27 configs and 9 epochs with reduction factor 3, so rungs at epochs 1 and 3 each
+pass on about a third of the trials that reach them (27 -> 9 -> 3 when all have arrived), on
+1,500 / 1,500 images to fit a pair in 12-13 minutes here. With 12 configs and 6 epochs
+(`--num-samples 12 --max-epochs 6 --train-size 6000 --val-size 2000`, the default until
+2026-11-22) the rungs have little to cut, and the winner's own 6 epochs are most of ASHA's time
+to target. Which configs come first decides much of a single pair's result, so the summary has
+every seed's figures and their medians. Reports each run's final best validation accuracy and
+the time, from the command's start, until its best first reached the target. Unless `--target`
+is given, the target is the lower of the two final bests minus 0.3 points (a level both runs
+reached). Targets: ASHA <= 0.4x FIFO's time, final bests within 0.3 points. Prints one JSON
+line, appended to bench/results/asha_vs_fifo.jsonl.
 """
 
 from __future__ import annotations
@@ -35,10 +40,10 @@ from searchbench import (
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--num-samples", type=int, default=12)
-    p.add_argument("--max-epochs", type=int, default=6)
+    p.add_argument("--num-samples", type=int, default=27)
+    p.add_argument("--max-epochs", type=int, default=9)
     p.add_argument("--reduction-factor", type=float, default=3)
-    add_size_args(p, train=6_000, val=2_000)
+    add_size_args(p, train=1_500, val=1_500)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="searcher seeds, one ASHA/FIFO pair each (default: 0)")
     p.add_argument("--target", type=float, help="validation accuracy to reach")
