@@ -212,8 +212,10 @@ def resolve(argv: list[str]) -> Plan:
         (args.max_failures >= 0, f"--max-failures must be >= 0, got {args.max_failures}"),
         (not (args.max_concurrent and args.scheduler in PAUSING),
          f"--max-concurrent cannot be used with --scheduler {args.scheduler}: its paused trials "
-         "count against the limit and block the new ones it waits for (hyperband then prunes "
-         "nothing); --cpus-per-trial sets how many run at once"),
+         "count against the limit, " + ("so no new config starts while they wait"
+                                        if args.scheduler == "asha-promote" else
+                                        "so its brackets never fill and it stops no trial")
+         + "; --cpus-per-trial sets how many run at once"),
         (args.time_budget is None or args.time_budget > 0,
          f"--time-budget must be > 0 seconds, got {args.time_budget}"),
         (args.train_size is None or args.train_size >= 1,
