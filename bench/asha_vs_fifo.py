@@ -28,6 +28,7 @@ from pathlib import Path
 
 from report import emit
 from searchbench import (
+    add_asha_arg,
     add_size_args,
     median,
     search,
@@ -47,8 +48,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="searcher seeds, one ASHA/FIFO pair each (default: 0)")
     p.add_argument("--target", type=float, help="validation accuracy to reach")
-    p.add_argument("--asha", choices=("asha-promote", "asha"), default="asha-promote",
-                   help="promotion-based ASHA (default) or Ray's stop-based one")
+    add_asha_arg(p)
     args = p.parse_args()
     folder, stamp = workdir(args.keep), int(time.time())
     pairs = [pair(args, folder, f"{stamp}-s{seed}", seed) for seed in args.seeds]

@@ -31,6 +31,7 @@ from pathlib import Path
 from report import emit
 from searchbench import (
     REPO,
+    add_asha_arg,
     add_size_args,
     median,
     search,
@@ -99,8 +100,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="seeds, one Keras Tuner / ASHA pair each (default: 0)")
     p.add_argument("--data-dir")
-    p.add_argument("--asha", choices=("asha-promote", "asha"), default="asha-promote",
-                   help="our scheduler: promotion-based ASHA (default) or Ray's stop-based one")
+    add_asha_arg(p)
     p.add_argument("--target", type=float, help="validation accuracy to reach")
     p.add_argument("--kt-dir", help=argparse.SUPPRESS)
     p.add_argument("--keras-tuner", action="store_true", help=argparse.SUPPRESS)

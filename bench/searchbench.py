@@ -26,6 +26,12 @@ def add_size_args(p: argparse.ArgumentParser, train: int, val: int) -> None:
     p.add_argument("--keep", help="keep the experiments in this folder (default: a temp folder)")
 
 
+def add_asha_arg(p: argparse.ArgumentParser) -> None:
+    """--asha: which of `search/run.py`'s two ASHAs to run (promotion-based by default)."""
+    p.add_argument("--asha", choices=("asha-promote", "asha"), default="asha-promote",
+                   help="promotion-based ASHA (default) or Ray's stop-based one")
+
+
 def size_flags(args: argparse.Namespace) -> list[str]:
     """The `search/run.py` flags for the benchmark's --train-size and --val-size."""
     return ["--train-size", str(args.train_size), "--val-size", str(args.val_size)]
