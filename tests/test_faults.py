@@ -37,6 +37,12 @@ def _keys(epochs) -> list[tuple[str, int]]:
     return sorted(zip(epochs["trial_id"], epochs["epoch"], strict=True))
 
 
+def _resume_cmd(storage: Path, name: str) -> list[str]:
+    """The command that continues experiment `name`, as a user types it."""
+    return [sys.executable, "search/run.py", "--storage", str(storage), "--name", name,
+            "--resume"]
+
+
 def test_a_trial_that_raises_at_epoch_2_fails_alone(ray_session, tiny_data_dir, tmp_path):
     class FaultAtEpochTwo(FMNISTTrainable):
         """The real trainable, except that the 16-unit trial raises during its second epoch."""
@@ -136,8 +142,7 @@ def test_driver_killed_at_random_moments_then_resumed(tiny_data_dir, tiny_space,
              *search_args(tiny_data_dir, tiny_space, tmp_path, "killed", "--num-samples",
                           str(samples), "--max-epochs", str(epochs_per_trial), "--scheduler",
                           "fifo", "--max-concurrent", "2")]
-    resume = [sys.executable, "search/run.py", "--storage", str(tmp_path), "--name", "killed",
-              "--resume"]
+    resume = _resume_cmd(tmp_path, "killed")
     store = ExperimentStore(str(tmp_path), "killed")
     epochs_dir = tmp_path / "killed" / "epochs"
     completed, seen, kills, planted, rc = [0], set(), 0, None, None
@@ -211,8 +216,7 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     seen = set(_keys(store.read_epochs()))
-    resumed = subprocess.run([sys.executable, "search/run.py", "--storage", str(tmp_path),
-                              "--name", "waiting", "--resume"], cwd=REPO, env=_env(),
+    resumed = subprocess.run(_resume_cmd(tmp_path, "waiting"), cwd=REPO, env=_env(),
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials, epochs = store.read_trials(), store.read_epochs()
