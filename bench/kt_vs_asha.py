@@ -1,18 +1,25 @@
 """The peer: Keras Tuner's Hyperband (what notebook 000 used) vs our ASHA, side by side.
 
     .venv/bin/pip install -e '.[bench]'     # keras-tuner
-    python bench/kt_vs_asha.py [--max-epochs 9] [--factor 3] [--seeds 0 1 2]
+    python bench/kt_vs_asha.py [--max-epochs 9] [--factor 3] [--seeds 0 1 2] [--same-configs]
 
 Both search the `cnn` space (Keras Tuner gets the same distributions, translated), with the
 same max epochs and reduction factor, the same train/validation split (2,500 / 2,000 images
-by default), on the same machine, one after the other; once per seed given (10-15 minutes per
-seed here; 15-29 with `--train-size 6000`). Which configs come first decides much of a single
-pair's result, so the summary has every seed's figures and their medians. Keras Tuner runs as
-its documented single process (TensorFlow using all cores); ours is `search/run.py` with the
-promotion-based ASHA (`--asha asha` for Ray's), one CPU per trial, sampling as many configs as
-Hyperband did. Times run from each command's start. Unless `--target` is given, the target is
-the lower of the two bests minus 0.3 points. Targets: ours <= 0.6x Keras Tuner's time to the
-target, at equal or better best accuracy. Prints one JSON line, appended to
+by default), on the same machine, one after the other; once per seed given. Keras Tuner runs
+as its documented single process (TensorFlow using all cores); ours is `search/run.py` with
+the promotion-based ASHA (`--asha asha` for Ray's), one CPU per trial.
+
+How much each tuner may search: Keras Tuner's Hyperband fixes its own number of configs (17
+for 9 epochs and factor 3, 75 epochs in all); ASHA is an anytime algorithm that keeps sampling
+until it is stopped. By default ours gets the wall time Keras Tuner took (`--time-budget`, and
+only epochs that ended within that time from the command's start count), sampling as many
+configs as fit. `--same-configs` instead gives ours exactly as many configs as Hyperband drew,
+run to the end (the default until 2026-11-22): ASHA then trains fewer epochs than Hyperband and
+leaves part of the time unused.
+
+Times run from each command's start. Unless `--target` is given, the target is the lower of
+the two bests minus 0.3 points. Targets: ours <= 0.6x Keras Tuner's time to the target, at
+equal or better best accuracy. Prints one JSON line, appended to
 bench/results/kt_vs_asha.jsonl.
 """
 
@@ -41,6 +48,7 @@ from searchbench import (
     workdir,
 )
 
+UNBOUNDED = 10_000  # --num-samples when the time budget, not the count, ends our search
 HISTORY: list[tuple[float, float]] = []  # (seconds since start, val_accuracy), every epoch
 
 
@@ -102,6 +110,9 @@ def main() -> None:
     p.add_argument("--data-dir")
     add_asha_arg(p)
     p.add_argument("--target", type=float, help="validation accuracy to reach")
+    p.add_argument("--same-configs", action="store_true",
+                   help="ours samples as many configs as Hyperband drew, run to the end "
+                        "(default: ours samples until Keras Tuner's wall time is spent)")
     p.add_argument("--kt-dir", help=argparse.SUPPRESS)
     p.add_argument("--keras-tuner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--started-at", type=float, help=argparse.SUPPRESS)
@@ -114,8 +125,9 @@ def main() -> None:
     pairs = [pair(args, folder, seed) for seed in args.seeds]
     emit("kt_vs_asha", {
         "bench": "kt_vs_asha", "space": "cnn", "max_epochs": args.max_epochs,
-        "factor": args.factor, "ours": args.asha, "seeds": args.seeds, "train": args.train_size,
-        "val": args.val_size,
+        "factor": args.factor, "ours": args.asha, "seeds": args.seeds,
+        "ours_budget": "same configs" if args.same_configs else "same wall time",
+        "train": args.train_size, "val": args.val_size,
         "target_rule": "given" if args.target is not None else "lower best - 0.003",
         "per_seed": pairs,
         "median_time_ratio": median([r["time_ratio"] for r in pairs]),
@@ -142,16 +154,23 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"keras tuner exited {out.returncode}\n{out.stderr[-2000:]}")
     kt = json.loads(out.stdout.strip().splitlines()[-1])
+    if args.same_configs:  # as many configs as Hyperband drew, each run to the end
+        budget = ["--num-samples", str(kt["configs"]), "--time-budget", "3600"]
+    else:  # configs until Keras Tuner's wall time is spent (ASHA never runs out of configs)
+        budget = ["--num-samples", str(UNBOUNDED), "--time-budget", f"{kt_wall:.0f}"]
     ours = search(folder, f"{args.asha}-{int(time.time())}-s{seed}", "--space", "cnn",
-                  "--scheduler", args.asha, "--num-samples", str(kt["configs"]), "--max-epochs",
-                  str(args.max_epochs), "--reduction-factor", str(args.factor),
-                  "--grace-period", "1", "--seed", str(seed), "--cpus-per-trial", "1",
-                  "--time-budget", "3600", *sizes, *data_flags)
+                  "--scheduler", args.asha, *budget, "--max-epochs", str(args.max_epochs),
+                  "--reduction-factor", str(args.factor), "--grace-period", "1",
+                  "--seed", str(seed), "--cpus-per-trial", "1", *sizes, *data_flags)
+    raw = ours["raw"]
+    if not args.same_configs:  # only what ours had by the time Keras Tuner was done counts
+        ended = raw["timestamp"].map(lambda t: t.timestamp()) - ours["start"]
+        raw = raw[ended <= kt_wall]
     kt_best = max(acc for _, acc in kt["history"])
-    our_best = float(ours["epochs"]["val_accuracy"].max())
+    our_best = float(raw["val_accuracy"].max())
     target = target_for([kt_best, our_best], args.target)
     kt_ttt = next((t for t, acc in kt["history"] if acc >= target), None)
-    our_ttt = time_to_target(ours["raw"], ours["start"], target)
+    our_ttt = time_to_target(raw, ours["start"], target)
     ratio = our_ttt / kt_ttt if our_ttt is not None and kt_ttt else None
     return {
         "seed": seed, "configs": kt["configs"], "kt_trials": kt["trials"], "target": target,
@@ -159,7 +178,8 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
         "kt_time_to_target_s": None if kt_ttt is None else round(kt_ttt, 1),
         "ours_time_to_target_s": None if our_ttt is None else round(our_ttt, 1),
         "kt_wall_s": round(kt_wall, 1), "ours_wall_s": round(ours["wall_s"], 1),
-        "kt_epochs": len(kt["history"]), "ours_trial_epochs": int(len(ours["raw"])),
+        "kt_epochs": len(kt["history"]), "ours_trial_epochs": int(len(raw)),
+        "ours_configs": int(raw["trial_id"].nunique()),
         "time_ratio": None if ratio is None else round(ratio, 3),
         "wall_ratio": round(ours["wall_s"] / kt_wall, 3),
     }
