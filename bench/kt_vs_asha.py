@@ -131,7 +131,8 @@ def main() -> None:
         "target_rule": "given" if args.target is not None else "lower best - 0.003",
         "per_seed": pairs,
         "median_time_ratio": median([r["time_ratio"] for r in pairs]),
-        "ours_equal_or_better": sum(r["ours_best"] >= r["kt_best"] for r in pairs),
+        "ours_equal_or_better": sum(r["ours_best"] is not None and r["ours_best"] >= r["kt_best"]
+                                    for r in pairs),
         "median_wall_ratio": median([r["wall_ratio"] for r in pairs]),
         "time_ratio_target": 0.6,
         "machine": platform.machine(), "cpus": os.cpu_count(), "time": time.time(),
@@ -167,14 +168,15 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
         ended = raw["timestamp"].map(lambda t: t.timestamp()) - ours["start"]
         raw = raw[ended <= kt_wall]
     kt_best = max(acc for _, acc in kt["history"])
-    our_best = float(raw["val_accuracy"].max())
-    target = target_for([kt_best, our_best], args.target)
+    # None when ours had not finished an epoch by then (Ray's start-up is longer than a tiny KT run)
+    our_best = float(raw["val_accuracy"].max()) if len(raw) else None
+    target = target_for([b for b in (kt_best, our_best) if b is not None], args.target)
     kt_ttt = next((t for t, acc in kt["history"] if acc >= target), None)
     our_ttt = time_to_target(raw, ours["start"], target)
     ratio = our_ttt / kt_ttt if our_ttt is not None and kt_ttt else None
     return {
         "seed": seed, "configs": kt["configs"], "kt_trials": kt["trials"], "target": target,
-        "kt_best": round(kt_best, 4), "ours_best": round(our_best, 4),
+        "kt_best": round(kt_best, 4), "ours_best": None if our_best is None else round(our_best, 4),
         "kt_time_to_target_s": None if kt_ttt is None else round(kt_ttt, 1),
         "ours_time_to_target_s": None if our_ttt is None else round(our_ttt, 1),
         "kt_wall_s": round(kt_wall, 1), "ours_wall_s": round(ours["wall_s"], 1),
