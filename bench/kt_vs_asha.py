@@ -40,6 +40,7 @@ from searchbench import (
     REPO,
     add_asha_arg,
     add_size_args,
+    epoch_ends,
     median,
     search,
     size_flags,
@@ -165,8 +166,7 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
                   "--seed", str(seed), "--cpus-per-trial", "1", *sizes, *data_flags)
     raw = ours["raw"]
     if not args.same_configs:  # only what ours had by the time Keras Tuner was done counts
-        ended = raw["timestamp"].map(lambda t: t.timestamp()) - ours["start"]
-        raw = raw[ended <= kt_wall]
+        raw = raw[epoch_ends(raw) - ours["start"] <= kt_wall]
     kt_best = max(acc for _, acc in kt["history"])
     # None when ours had not finished an epoch by then (Ray's start-up is longer than a tiny KT run)
     our_best = float(raw["val_accuracy"].max()) if len(raw) else None

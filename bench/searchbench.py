@@ -75,9 +75,14 @@ def time_to_target(epochs: pd.DataFrame, start: float, target: float) -> float |
     return float(hit["timestamp"].min().timestamp() - start)
 
 
+def epoch_ends(raw: pd.DataFrame) -> pd.Series:
+    """When each epoch row ended (epoch seconds): its timestamp."""
+    return raw["timestamp"].map(lambda t: t.timestamp())
+
+
 def epoch_starts(raw: pd.DataFrame) -> pd.Series:
-    """When each epoch row began (epoch seconds): its end timestamp minus its epoch time."""
-    return raw["timestamp"].map(lambda t: t.timestamp()) - raw["epoch_time_s"]
+    """When each epoch row began (epoch seconds): its end minus its epoch time."""
+    return epoch_ends(raw) - raw["epoch_time_s"]
 
 
 def target_for(bests: list[float], given: float | None) -> float:
