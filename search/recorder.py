@@ -167,6 +167,8 @@ class ParquetRecorder(Callback):
             self.failed.append(trial.trial_id)
         elif epochs >= max_epochs > 0:
             status, reason = "completed", "completed"
+        elif budget and not history and trial.trial_id not in self._started:
+            status, reason = "budget", "time budget ended the search before the trial started"
         elif budget:
             status, reason = "budget", f"time budget ended the search at epoch {epochs}"
         else:

@@ -477,6 +477,30 @@ def experiment_row(plan: Plan, resources: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
+
+
+def pending_limit(args: argparse.Namespace, resources: dict[str, Any]) -> int | None:
+    """How many trials Tune may queue ahead of the running ones; None leaves Tune's own choice.
+
+    Tune queues up to 200 trials for its random searcher, so that an autoscaling cluster sees
+    the demand and grows, and one for any other searcher. Neither fits a Ray that cannot grow
+    (the embedded one): when a time budget ends the search the 200 are configs drawn and never
+    run, and with one, Optuna's or HyperOpt's second trial is asked for only once the first runs
+    (a worker's TensorFlow import, ~7 s, later). On it the queue holds as many trials as can run
+    at once. Clusters (`--address`) and a limit the user set in the environment keep theirs.
+    """
+    if args.address or PENDING_ENV in os.environ:
+        return None
+    slots = math.floor(resources.get("CPU", 1) / args.cpus_per_trial) \
+        if args.cpus_per_trial > 0 else 1
+    if args.gpus_per_trial > 0:
+        slots = min(slots, math.floor(resources.get("GPU", 0) / args.gpus_per_trial))
+    if args.max_concurrent:
+        slots = min(slots, args.max_concurrent)
+    return max(1, slots)
+
+
 def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     """Run the planned search; `trainable_cls` swaps in a subclass (fault-injection tests)."""
     import ray
@@ -487,6 +511,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     from search.trainable import FMNISTTrainable
 
     a = plan.args
+    limit = None
     started_here = start_ray(a)
     try:
         check_storage_reaches_all_nodes(a)
@@ -526,10 +551,15 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
                     verbose=0,
                 ),
             )
+        limit = pending_limit(a, resources)
+        if limit is not None:  # read once, when Tune's controller starts (inside fit)
+            os.environ[PENDING_ENV] = str(limit)
         start = time.monotonic()
         tuner.fit()
         wall = time.monotonic() - start
     finally:
+        if limit is not None:
+            os.environ.pop(PENDING_ENV, None)
         if started_here:
             ray.shutdown()
     return report(plan.store, wall, out)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -292,6 +293,48 @@ def test_max_concurrent_one_runs_trials_one_after_the_other(ray_session, tiny_da
     spans = spans.sort_values("start")
     assert len(spans) == 3
     assert (spans["start"].iloc[1:].to_numpy() >= spans["end"].iloc[:-1].to_numpy()).all(), spans
+
+
+def test_time_budget_records_every_trial_and_queues_no_more_than_can_run(
+        ray_session, tiny_data_dir, tiny_space, tmp_path):
+    # Far more samples and epochs than fit in the budget: the budget, not the count, ends it.
+    code = run.main(search_args(tiny_data_dir, tiny_space, tmp_path, "budget", "--num-samples",
+                                "100", "--max-epochs", "200", "--scheduler", "fifo",
+                                "--time-budget", "15"), out=io.StringIO())
+    assert code == 0
+    store = ExperimentStore(str(tmp_path), "budget")
+    trials, epochs = store.read_trials(), store.read_epochs()
+    assert set(trials["status"]) == {"budget"}  # nothing reached 200 epochs
+    ran = trials[trials["epochs"] > 0]
+    assert len(ran) >= 1
+    for row in ran.itertuples():  # every epoch a trial reported is on disk, once
+        mine = epochs[epochs["trial_id"] == row.trial_id]["epoch"].tolist()
+        assert mine == list(range(1, row.epochs + 1)), row.trial_id
+        assert row.stop_reason == f"time budget ended the search at epoch {row.epochs}"
+    queued = trials[trials["epochs"] == 0]
+    assert set(queued["stop_reason"]) <= {"time budget ended the search before the trial started"}
+    # Tune would have queued up to 200 configs (100 here); the embedded Ray queues one per
+    # slot (2 CPUs, 1 per trial), so at most that many were drawn and never run.
+    assert len(queued) <= 2, queued[["trial_id", "stop_reason"]]
+    assert run.PENDING_ENV not in os.environ  # not left behind for later runs
+
+
+@pytest.mark.parametrize("flags, resources, expected", [
+    ([], {"CPU": 2.0}, 2),
+    (["--cpus-per-trial", "0.5"], {"CPU": 2.0}, 4),
+    (["--cpus-per-trial", "4"], {"CPU": 2.0}, 1),
+    (["--max-concurrent", "1"], {"CPU": 8.0}, 1),
+    (["--gpus-per-trial", "0.5"], {"CPU": 16.0, "GPU": 1.0}, 2),
+    (["--address", "127.0.0.1:6379"], {"CPU": 2.0}, None),  # a cluster may autoscale
+])
+def test_pending_limit_is_the_number_of_trials_that_fit(tiny_data_dir, tiny_space, tmp_path,
+                                                        monkeypatch, flags, resources, expected):
+    monkeypatch.delenv(run.PENDING_ENV, raising=False)
+    args = run.build_parser().parse_args(
+        search_args(tiny_data_dir, tiny_space, tmp_path, "x", *flags))
+    assert run.pending_limit(args, resources) == expected
+    monkeypatch.setenv(run.PENDING_ENV, "7")  # the user's own setting wins
+    assert run.pending_limit(args, resources) is None
 
 
 class _Arrival:
