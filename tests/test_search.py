@@ -297,14 +297,15 @@ def test_max_concurrent_one_runs_trials_one_after_the_other(ray_session, tiny_da
 
 def test_time_budget_records_every_trial_and_queues_no_more_than_can_run(
         ray_session, tiny_data_dir, tiny_space, tmp_path):
-    # Far more samples and epochs than fit in the budget: the budget, not the count, ends it.
+    # Far more samples and epochs than fit in the budget: the budget, not the count, ends it,
+    # and the first two trials (FIFO, 1,000 epochs) hold both slots until it does.
     code = run.main(search_args(tiny_data_dir, tiny_space, tmp_path, "budget", "--num-samples",
-                                "100", "--max-epochs", "200", "--scheduler", "fifo",
+                                "100", "--max-epochs", "1000", "--scheduler", "fifo",
                                 "--time-budget", "15"), out=io.StringIO())
     assert code == 0
     store = ExperimentStore(str(tmp_path), "budget")
     trials, epochs = store.read_trials(), store.read_epochs()
-    assert set(trials["status"]) == {"budget"}  # nothing reached 200 epochs
+    assert set(trials["status"]) == {"budget"}  # nothing reached 1,000 epochs
     ran = trials[trials["epochs"] > 0]
     assert len(ran) >= 1
     for row in ran.itertuples():  # every epoch a trial reported is on disk, once
