@@ -264,6 +264,16 @@ def asha_rungs(grace: int, factor: float, max_t: int) -> list[int]:
     return rungs
 
 
+def concurrent_slots(a: argparse.Namespace, cpus: float, gpus: float | None = None) -> int:
+    """How many trials fit at once on `cpus` (and `gpus`, when given), within --max-concurrent."""
+    slots = int(cpus // a.cpus_per_trial) if a.cpus_per_trial > 0 else 1
+    if gpus is not None and a.gpus_per_trial > 0:
+        slots = min(slots, int(gpus // a.gpus_per_trial))
+    if a.max_concurrent:
+        slots = min(slots, a.max_concurrent)
+    return max(1, slots)
+
+
 def describe(plan: Plan, cpus: float | None) -> str:
     a, s = plan.args, plan.space
     lines = [f"space {s.name} ({s.source}): {len(s.dists)} sampled, {len(s.fixed)} fixed"]
@@ -295,9 +305,7 @@ def describe(plan: Plan, cpus: float | None) -> str:
     if a.time_budget:
         budget += f", time budget {a.time_budget:g} s"
     lines.append(budget)
-    slots = "?" if cpus is None else max(1, int(cpus // a.cpus_per_trial))
-    if a.max_concurrent and slots != "?":
-        slots = min(slots, a.max_concurrent)
+    slots = "?" if cpus is None else concurrent_slots(a, cpus)
     where = a.address or f"embedded local Ray ({cpus:g} CPUs)"
     lines.append(f"resources: {a.cpus_per_trial:g} CPU, {a.gpus_per_trial:g} GPU per trial; "
                  f"up to {slots} concurrent on {where}")
@@ -492,13 +500,7 @@ def pending_limit(args: argparse.Namespace, resources: dict[str, Any]) -> int | 
     """
     if args.address or PENDING_ENV in os.environ:
         return None
-    slots = math.floor(resources.get("CPU", 1) / args.cpus_per_trial) \
-        if args.cpus_per_trial > 0 else 1
-    if args.gpus_per_trial > 0:
-        slots = min(slots, math.floor(resources.get("GPU", 0) / args.gpus_per_trial))
-    if args.max_concurrent:
-        slots = min(slots, args.max_concurrent)
-    return max(1, slots)
+    return concurrent_slots(args, resources.get("CPU", 1), resources.get("GPU", 0))
 
 
 def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
