@@ -306,17 +306,20 @@ def test_time_budget_records_every_trial_and_queues_no_more_than_can_run(
     store = ExperimentStore(str(tmp_path), "budget")
     trials, epochs = store.read_trials(), store.read_epochs()
     assert set(trials["status"]) == {"budget"}  # nothing reached 1,000 epochs
-    ran = trials[trials["epochs"] > 0]
-    assert len(ran) >= 1
-    for row in ran.itertuples():  # every epoch a trial reported is on disk, once
+    # A loaded machine may not finish a first epoch inside the budget (workers import
+    # TensorFlow first), so a trial that started may have 0 epochs; each still says which.
+    never = "time budget ended the search before the trial started"
+    for row in trials.itertuples():  # every epoch a trial reported is on disk, once
         mine = epochs[epochs["trial_id"] == row.trial_id]["epoch"].tolist()
         assert mine == list(range(1, row.epochs + 1)), row.trial_id
-        assert row.stop_reason == f"time budget ended the search at epoch {row.epochs}"
-    queued = trials[trials["epochs"] == 0]
-    assert set(queued["stop_reason"]) <= {"time budget ended the search before the trial started"}
+        assert row.stop_reason in (never, f"time budget ended the search at epoch {row.epochs}")
+        assert row.stop_reason != never or row.epochs == 0
+    queued = trials[trials["stop_reason"] == never]
     # Tune would have queued up to 200 configs (100 here); the embedded Ray queues one per
-    # slot (2 CPUs, 1 per trial), so at most that many were drawn and never run.
+    # slot (2 CPUs, 1 per trial), so at most that many were drawn and never run, beside the
+    # two trials holding the slots.
     assert len(queued) <= 2, queued[["trial_id", "stop_reason"]]
+    assert len(trials) <= 4, trials[["trial_id", "stop_reason"]]
     assert run.PENDING_ENV not in os.environ  # not left behind for later runs
 
 
