@@ -61,6 +61,45 @@ def test_checkpoint_restore_continues_identically(tiny, tmp_path):
     assert math.isclose(ma["val_loss"], mb["val_loss"], rel_tol=1e-4)
 
 
+def _count_traces(run):
+    """Count how often TensorFlow traces the run's train step (Python runs it only then)."""
+    calls = []
+    step = run.model.train_step
+    run.model.train_step = lambda batch: calls.append(1) or step(batch)
+    return calls
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_first_epoch_traces_the_train_step_once_new_or_restored(tiny, tmp_path, smoothing):
+    cfg = TrainConfig(model="cnn", epochs=3, batch_size=64, base_filters=4, dense_units=8,
+                      label_smoothing=smoothing)
+    run = TrainingRun(cfg, tiny)
+    assert run.model.optimizer.built  # variables exist before any traced step
+    calls = _count_traces(run)
+    run.fit_epoch()
+    run.fit_epoch()
+    assert len(calls) == 1  # Keras' default on TensorFlow traces twice in the first epoch
+    run.save(tmp_path / "c")
+    run.restore(tmp_path / "c")
+    calls = _count_traces(run)
+    run.fit_epoch()
+    assert len(calls) == 1 and run.epoch == 3
+
+
+def test_building_state_up_front_trains_the_same_weights(tiny, monkeypatch):
+    cfg = TrainConfig(model="cnn", epochs=2, batch_size=64, base_filters=4, dense_units=8,
+                      dropout=0.2, augment_flip=True)
+    a = TrainingRun(cfg, tiny)
+    ma = a.fit_epoch()
+    monkeypatch.setattr(TrainingRun, "_build_state", lambda self: None)  # Keras' default
+    b = TrainingRun(cfg, tiny)
+    assert not b.model.optimizer.built
+    mb = b.fit_epoch()
+    for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    assert math.isclose(ma["val_loss"], mb["val_loss"], rel_tol=1e-5)
+
+
 def test_train_resumes_from_checkpoint_dir(tiny, tmp_path):
     cfg = TrainConfig(model="mlp", epochs=3, units=8)
     first = []
