@@ -139,11 +139,11 @@ class TrainingRun:
         """Create the optimizer's and metrics' variables now, not inside the first traced step.
 
         On the TensorFlow backend Keras defers them to the first `fit`, and a `tf.function` that
-        creates variables is traced twice: measured here, 2.5-3 s of a small CNN's first epoch
-        where one trace costs about 1.2 s (bench/first_epoch.py). Every trial pays it at its
-        start and again after a restore, so it is a large share of a 1-epoch ASHA rung. Keras'
-        JAX and PyTorch trainers make this same call before every fit; this is the TF
-        backend's missing step, skipped if a Keras version no longer has it.
+        creates variables is traced twice. Built here, a small CNN's first epoch costs about
+        2.4 s more than the next ones where it cost 3.0 s, and 2.1 s where it cost 3.4 s after a
+        restore (bench/first_epoch.py, one thread). Every trial pays it at its start and after
+        each restore, so it is a large share of a 1-epoch ASHA rung. Keras' JAX and PyTorch
+        trainers make this same call in every fit; skipped if a Keras version lacks it.
         """
         build = getattr(self.model, "_symbolic_build", None)
         if build is None or keras.backend.backend() != "tensorflow":
