@@ -48,33 +48,27 @@ def child(args: argparse.Namespace) -> None:
         TrainingRun._build_state = lambda self: None
     data = load_splits(args.data_dir, val_size=args.val_size, train_size=args.train_size, seed=0)
     run = TrainingRun(TrainConfig.from_dict(CONFIG), data)
-    traces = {"train": 0}
 
-    def counted(model):
-        step = model.train_step
-
-        def train_step(batch):  # runs in Python only while TensorFlow traces the step
-            traces["train"] += 1
-            return step(batch)
-        model.train_step = train_step
+    def count_traces() -> list[int]:
+        calls: list[int] = []
+        step = run.model.train_step  # Python runs it only while TensorFlow traces the step
+        run.model.train_step = lambda batch: calls.append(1) or step(batch)
+        return calls
 
     def epoch() -> tuple[float, float]:
         c0 = time.process_time()
         wall = run.fit_epoch()["epoch_time_s"]
         return wall, time.process_time() - c0
 
-    counted(run.model)
+    first = count_traces()
     times = [epoch() for _ in range(3)]
-    traced_first = traces["train"]
     with tempfile.TemporaryDirectory() as ckpt:
         run.save(ckpt)
         run.restore(ckpt)
-    traces["train"] = 0
-    counted(run.model)
+    restored = count_traces()
     times += [epoch() for _ in range(2)]
     print(json.dumps({"wall": [w for w, _ in times], "cpu": [c for _, c in times],
-                      "traced_first": traced_first,
-                      "traced_restored": traces["train"]}))
+                      "traced_first": len(first), "traced_restored": len(restored)}))
 
 
 def measure(args: argparse.Namespace, variant: str) -> dict:
