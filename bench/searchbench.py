@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,7 +25,8 @@ def add_size_args(p: argparse.ArgumentParser, train: int, val: int) -> None:
     """--train-size, --val-size and --keep, as every search benchmark takes them."""
     p.add_argument("--train-size", type=int, default=train)
     p.add_argument("--val-size", type=int, default=val)
-    p.add_argument("--keep", help="keep the experiments in this folder (default: a temp folder)")
+    p.add_argument("--keep", help="keep the experiments in this folder (default: a temporary "
+                                  "folder, removed when the benchmark exits)")
 
 
 def add_asha_arg(p: argparse.ArgumentParser) -> None:
@@ -38,11 +41,17 @@ def size_flags(args: argparse.Namespace) -> list[str]:
 
 
 def workdir(keep: str | None) -> Path:
-    """Where the benchmark's experiments go: --keep DIR, else a fresh temporary folder."""
+    """Where the benchmark's experiments go: --keep DIR, else a fresh temporary folder.
+
+    The temporary folder is removed when the benchmark exits (a search leaves 100 MB or more of
+    Parquet and checkpoints); what the benchmark reports is in its JSON line by then.
+    """
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         return Path(keep)
-    return Path(tempfile.mkdtemp(prefix="fmnist-bench-"))
+    folder = Path(tempfile.mkdtemp(prefix="fmnist-bench-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def search(storage: Path, name: str, *flags: str, quiet: bool = True) -> dict:
@@ -60,7 +69,8 @@ def search(storage: Path, name: str, *flags: str, quiet: bool = True) -> dict:
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         tail = (out.stderr or "")[-2000:] if quiet else ""
-        raise SystemExit(f"search {name} exited {out.returncode}\n{tail}")
+        raise SystemExit(f"search {name} exited {out.returncode} (--keep DIR keeps its "
+                         f"files)\n{tail}")
     store = ExperimentStore(str(storage), name)
     raw = store.read_epochs(canonical=False)  # read once; the canonical view is derived
     return {"wall_s": wall, "start": t0_wall, "raw": raw, "epochs": canonical_epochs(raw),
