@@ -111,6 +111,27 @@ def _arrays(data: Any) -> dict[str, np.ndarray]:
     return {k: data[k] for k in DATA_KEYS}
 
 
+def feed(x: np.ndarray, y: np.ndarray, batch_size: int) -> dict[str, Any]:
+    """The arguments that give Keras' `fit`/`evaluate` these arrays in order, in batches.
+
+    On TensorFlow: a `tf.data` pipeline with autotuning off. Keras' own pipeline for arrays
+    autotunes, and TensorFlow's autotuner thread sleeps for a period that doubles from 10 ms
+    (0.01, 0.03, ... 2.55, 5.11, 10.23 s after the pipeline starts); when `fit` ends, the
+    pipeline waits for that thread, which here often did not wake until its sleep was over.
+    A 7 s one-thread epoch then took 10.3 s, 3 s of it idle (bench/input_pipeline.py measures
+    it). A fixed prefetch of one batch keeps reading ahead of the step. Other backends get
+    the arrays as they are.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return {"x": x, "y": y, "batch_size": batch_size}
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).prefetch(1)
+    return {"x": batches.with_options(options)}
+
+
 class TrainingRun:
     """A model, its optimizer and its data, trained one epoch at a time; saves and restores."""
 
@@ -163,12 +184,12 @@ class TrainingRun:
         order = np.random.default_rng([cfg.seed, self.epoch]).permutation(len(self.x_train))
         t0 = time.perf_counter()
         history = self.model.fit(
-            self.x_train[order], self.y_train[order], batch_size=cfg.batch_size, epochs=1,
+            **feed(self.x_train[order], self.y_train[order], cfg.batch_size), epochs=1,
             shuffle=False, verbose=0,
         )
         t1 = time.perf_counter()
         if len(self.x_val):
-            val = self.model.evaluate(self.x_val, self.y_val, batch_size=cfg.eval_batch_size,
+            val = self.model.evaluate(**feed(self.x_val, self.y_val, cfg.eval_batch_size),
                                       verbose=0, return_dict=True)
         else:  # a final retrain on train+validation has nothing left to validate on
             val = {"loss": math.nan, "accuracy": math.nan}

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+import fmnist.train
 from fmnist.data import load_splits
 from fmnist.train import LRSchedule, TrainConfig, TrainingRun, train
 from tests.conftest import REPO
@@ -98,6 +99,27 @@ def test_building_state_up_front_trains_the_same_weights(tiny, monkeypatch):
     for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
     assert math.isclose(ma["val_loss"], mb["val_loss"], rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_batches_fed_without_autotuning_train_the_same_weights(tiny, monkeypatch, smoothing):
+    # 300 / 64 and 100 / 64 leave a short last batch in training and in validation
+    cfg = TrainConfig(model="cnn", epochs=2, batch_size=64, eval_batch_size=64, base_filters=4,
+                      dense_units=8, dropout=0.2, augment_flip=True, label_smoothing=smoothing)
+    a = TrainingRun(cfg, tiny)
+    fed = fmnist.train.feed(a.x_train, a.y_train, 64)["x"]
+    assert fed.options().autotune.enabled is False  # no autotuner thread for fit to wait on
+    assert [len(x) for x, _ in fed] == [64, 64, 64, 64, 44]
+    ma = [a.fit_epoch(), a.fit_epoch()]
+    monkeypatch.setattr(fmnist.train, "feed",  # the arrays as they are: Keras' own pipeline
+                        lambda x, y, batch_size: {"x": x, "y": y, "batch_size": batch_size})
+    b = TrainingRun(cfg, tiny)
+    mb = [b.fit_epoch(), b.fit_epoch()]
+    for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    for ea, eb in zip(ma, mb, strict=True):
+        assert math.isclose(ea["val_loss"], eb["val_loss"], rel_tol=1e-5)
+        assert ea["val_accuracy"] == eb["val_accuracy"]
 
 
 def test_train_resumes_from_checkpoint_dir(tiny, tmp_path):
