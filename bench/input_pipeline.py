@@ -40,7 +40,7 @@ def child(args: argparse.Namespace) -> None:
 
     fmnist.train.configure_threads(1, 1)
     if args.variant == "keras":  # the arrays as they are: Keras builds its autotuned pipeline
-        fmnist.train.feed = lambda x, y, batch_size: {"x": x, "y": y, "batch_size": batch_size}
+        fmnist.train.feed = fmnist.train.keras_feed
     data = load_splits(args.data_dir, val_size=args.val_size, train_size=args.train_size, seed=0)
     run = fmnist.train.TrainingRun(TrainConfig.from_dict({**REFERENCE, "epochs": 99}), data)
     run.fit_epoch()

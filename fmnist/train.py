@@ -111,6 +111,11 @@ def _arrays(data: Any) -> dict[str, np.ndarray]:
     return {k: data[k] for k in DATA_KEYS}
 
 
+def keras_feed(x: np.ndarray, y: np.ndarray, batch_size: int) -> dict[str, Any]:
+    """The arrays as they are: Keras builds its own pipeline (autotuned, on TensorFlow)."""
+    return {"x": x, "y": y, "batch_size": batch_size}
+
+
 def feed(x: np.ndarray, y: np.ndarray, batch_size: int) -> dict[str, Any]:
     """The arguments that give Keras' `fit`/`evaluate` these arrays in order, in batches.
 
@@ -123,7 +128,7 @@ def feed(x: np.ndarray, y: np.ndarray, batch_size: int) -> dict[str, Any]:
     the arrays as they are.
     """
     if keras.backend.backend() != "tensorflow":
-        return {"x": x, "y": y, "batch_size": batch_size}
+        return keras_feed(x, y, batch_size)
     import tensorflow as tf
 
     options = tf.data.Options()
@@ -155,6 +160,9 @@ class TrainingRun:
             jit_compile=cfg.jit_compile,
         )
         self._build_state()
+        # validation batches never change: built once, not every epoch
+        self._val_feed = (feed(self.x_val, self.y_val, cfg.eval_batch_size)
+                          if len(self.x_val) else None)
 
     def _build_state(self) -> None:
         """Create the optimizer's and metrics' variables now, not inside the first traced step.
@@ -188,9 +196,8 @@ class TrainingRun:
             shuffle=False, verbose=0,
         )
         t1 = time.perf_counter()
-        if len(self.x_val):
-            val = self.model.evaluate(**feed(self.x_val, self.y_val, cfg.eval_batch_size),
-                                      verbose=0, return_dict=True)
+        if self._val_feed is not None:
+            val = self.model.evaluate(**self._val_feed, verbose=0, return_dict=True)
         else:  # a final retrain on train+validation has nothing left to validate on
             val = {"loss": math.nan, "accuracy": math.nan}
         t2 = time.perf_counter()

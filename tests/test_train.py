@@ -111,8 +111,7 @@ def test_batches_fed_without_autotuning_train_the_same_weights(tiny, monkeypatch
     assert fed.options().autotune.enabled is False  # no autotuner thread for fit to wait on
     assert [len(x) for x, _ in fed] == [64, 64, 64, 64, 44]
     ma = [a.fit_epoch(), a.fit_epoch()]
-    monkeypatch.setattr(fmnist.train, "feed",  # the arrays as they are: Keras' own pipeline
-                        lambda x, y, batch_size: {"x": x, "y": y, "batch_size": batch_size})
+    monkeypatch.setattr(fmnist.train, "feed", fmnist.train.keras_feed)  # Keras' own pipeline
     b = TrainingRun(cfg, tiny)
     mb = [b.fit_epoch(), b.fit_epoch()]
     for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
