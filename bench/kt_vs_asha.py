@@ -2,12 +2,14 @@
 
     .venv/bin/pip install -e '.[bench]'     # keras-tuner
     python bench/kt_vs_asha.py [--max-epochs 9] [--factor 3] [--seeds 0 1 2] [--same-configs]
+                                [--cpus-per-trial 2]
 
 Both search the `cnn` space (Keras Tuner gets the same distributions, translated), with the
 same max epochs and reduction factor, the same train/validation split (2,500 / 2,000 images
 by default), on the same machine, one after the other; once per seed given. Keras Tuner runs
 as its documented single process (TensorFlow using all cores); ours is `search/run.py` with
-the promotion-based ASHA (`--asha asha` for Ray's), one CPU per trial.
+the promotion-based ASHA (`--asha asha` for Ray's), one CPU per trial (`--cpus-per-trial 2`:
+one two-thread trial at a time).
 
 How much each tuner may search: Keras Tuner's Hyperband fixes its own number of configs (17
 for 9 epochs and factor 3, 75 epochs in all); ASHA is an anytime algorithm that keeps sampling
@@ -111,6 +113,9 @@ def main() -> None:
     p.add_argument("--data-dir")
     add_asha_arg(p)
     p.add_argument("--target", type=float, help="validation accuracy to reach")
+    p.add_argument("--cpus-per-trial", type=int, default=1, choices=(1, 2),
+                   help="ours: 1 = two one-thread trials at once (default), 2 = one two-thread "
+                        "trial at a time, as Keras Tuner runs")
     p.add_argument("--same-configs", action="store_true",
                    help="ours samples as many configs as Hyperband drew, run to the end "
                         "(default: ours samples until Keras Tuner's wall time is spent)")
@@ -127,6 +132,7 @@ def main() -> None:
     emit("kt_vs_asha", {
         "bench": "kt_vs_asha", "space": "cnn", "max_epochs": args.max_epochs,
         "factor": args.factor, "ours": args.asha, "seeds": args.seeds,
+        "ours_cpus_per_trial": args.cpus_per_trial,
         "ours_budget": "same configs" if args.same_configs else "same wall time",
         "train": args.train_size, "val": args.val_size,
         "target_rule": "given" if args.target is not None else "lower best - 0.003",
@@ -163,7 +169,8 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
     ours = search(folder, f"{args.asha}-{int(time.time())}-s{seed}", "--space", "cnn",
                   "--scheduler", args.asha, *budget, "--max-epochs", str(args.max_epochs),
                   "--reduction-factor", str(args.factor), "--grace-period", "1",
-                  "--seed", str(seed), "--cpus-per-trial", "1", *sizes, *data_flags)
+                  "--seed", str(seed), "--cpus-per-trial", str(args.cpus_per_trial), *sizes,
+                  *data_flags)
     raw = ours["raw"]
     if not args.same_configs:  # only what ours had by the time Keras Tuner was done counts
         raw = raw[epoch_ends(raw) - ours["start"] <= kt_wall]
