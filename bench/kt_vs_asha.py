@@ -8,8 +8,8 @@ Both search the `cnn` space (Keras Tuner gets the same distributions, translated
 same max epochs and reduction factor, the same train/validation split (2,500 / 2,000 images
 by default), on the same machine, one after the other; once per seed given. Keras Tuner runs
 as its documented single process (TensorFlow using all cores); ours is `search/run.py` with
-the promotion-based ASHA (`--asha asha` for Ray's), one CPU per trial (`--cpus-per-trial 2`:
-one two-thread trial at a time).
+the promotion-based ASHA (`--asha asha` for Ray's), one CPU per trial (`--cpus-per-trial 2` on
+this 2-core machine: one two-thread trial at a time).
 
 How much each tuner may search: Keras Tuner's Hyperband fixes its own number of configs (17
 for 9 epochs and factor 3, 75 epochs in all); ASHA is an anytime algorithm that keeps sampling
@@ -113,9 +113,10 @@ def main() -> None:
     p.add_argument("--data-dir")
     add_asha_arg(p)
     p.add_argument("--target", type=float, help="validation accuracy to reach")
-    p.add_argument("--cpus-per-trial", type=int, default=1, choices=(1, 2),
-                   help="ours: 1 = two one-thread trials at once (default), 2 = one two-thread "
-                        "trial at a time, as Keras Tuner runs")
+    p.add_argument("--cpus-per-trial", type=int, default=1,
+                   help="threads per trial of ours (default 1: one-thread trials, as many at once "
+                        "as there are cores; all the cores: one trial at a time, as Keras Tuner "
+                        "trains)")
     p.add_argument("--same-configs", action="store_true",
                    help="ours samples as many configs as Hyperband drew, run to the end "
                         "(default: ours samples until Keras Tuner's wall time is spent)")
@@ -125,6 +126,8 @@ def main() -> None:
     args = p.parse_args()
     if args.keras_tuner:
         return run_keras_tuner(args)
+    if not 1 <= args.cpus_per_trial <= (os.cpu_count() or 1):
+        p.error(f"--cpus-per-trial must be 1 to {os.cpu_count()} (this machine's cores)")
     if importlib.util.find_spec("keras_tuner") is None:
         raise SystemExit("keras-tuner is not installed: .venv/bin/pip install -e '.[bench]'")
     folder = workdir(args.keep)
