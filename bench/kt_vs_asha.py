@@ -2,7 +2,7 @@
 
     .venv/bin/pip install -e '.[bench]'     # keras-tuner
     python bench/kt_vs_asha.py [--max-epochs 9] [--factor 3] [--seeds 0 1 2] [--same-configs]
-                                [--cpus-per-trial 2]
+                                [--cpus-per-trial 2] [--paired-draws]
 
 Both search the `cnn` space (Keras Tuner gets the same distributions, translated), with the
 same max epochs and reduction factor, the same train/validation split (2,500 / 2,000 images
@@ -19,6 +19,13 @@ configs as fit. `--same-configs` instead gives ours exactly as many configs as H
 run to the end (the default until 2026-11-22): ASHA then trains fewer epochs than Hyperband and
 leaves part of the time unused.
 
+Draws: by default each tuner draws its configs its own way (the same distributions, different
+random streams), so a seed's ratio follows how lucky each draw was as much as the tuners.
+`--paired-draws` hands Keras Tuner's Hyperband the configs ours draws, in ours' order (common
+random numbers): the first 17 configs are the same for both, and ours goes on drawing after
+them. The draws are reproduced with Ray's own generator before either tuner runs and checked
+against the configs ours recorded; a mismatch stops the benchmark.
+
 Times run from each command's start. Unless `--target` is given, the target is the lower of
 the two bests minus 0.3 points. Targets: ours <= 0.6x Keras Tuner's time to the target, at
 equal or better best accuracy. Prints one JSON line, appended to
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import subprocess
@@ -52,6 +60,7 @@ from searchbench import (
 )
 
 UNBOUNDED = 10_000  # --num-samples when the time budget, not the count, ends our search
+PAIRED_DRAWS = 500  # more than one Hyperband iteration draws (17 for 9 epochs, 143 for 81)
 HISTORY: list[tuple[float, float]] = []  # (seconds since start, val_accuracy), every epoch
 
 
@@ -96,6 +105,15 @@ def run_keras_tuner(args: argparse.Namespace) -> None:
     tuner = kt.Hyperband(Model(), objective="val_accuracy", max_epochs=args.max_epochs,
                          factor=args.factor, hyperband_iterations=1, seed=args.seeds[0],
                          directory=args.kt_dir, project_name="kt", overwrite=True)
+    if args.draws:  # Hyperband's new configs come from ours' draws, in order
+        queue = json.loads(Path(args.draws).read_text())
+
+        def next_draw():
+            if not queue:
+                raise SystemExit(f"Hyperband wanted more configs than the {args.draws} holds")
+            return queue.pop(0)
+
+        tuner.oracle._random_values = next_draw
     tuner.search(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
                  callbacks=[Record()], verbose=0)
     trials = tuner.oracle.trials.values()
@@ -120,7 +138,11 @@ def main() -> None:
     p.add_argument("--same-configs", action="store_true",
                    help="ours samples as many configs as Hyperband drew, run to the end "
                         "(default: ours samples until Keras Tuner's wall time is spent)")
+    p.add_argument("--paired-draws", action="store_true",
+                   help="Keras Tuner gets the configs ours draws, in the same order (default: "
+                        "each tuner draws its own)")
     p.add_argument("--kt-dir", help=argparse.SUPPRESS)
+    p.add_argument("--draws", help=argparse.SUPPRESS)
     p.add_argument("--keras-tuner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--started-at", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -137,6 +159,7 @@ def main() -> None:
         "factor": args.factor, "ours": args.asha, "seeds": args.seeds,
         "ours_cpus_per_trial": args.cpus_per_trial,
         "ours_budget": "same configs" if args.same_configs else "same wall time",
+        "draws": "paired" if args.paired_draws else "independent",
         "train": args.train_size, "val": args.val_size,
         "target_rule": "given" if args.target is not None else "lower best - 0.003",
         "per_seed": pairs,
@@ -153,9 +176,15 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
     """Keras Tuner, then ours, same split and seed (each tuner draws configs its own way)."""
     data_flags = ["--data-dir", args.data_dir] if args.data_dir else []
     sizes = size_flags(args)
-    cmd = [sys.executable, __file__, "--keras-tuner", "--kt-dir",
-           str(folder / f"keras-tuner-s{seed}"), "--max-epochs", str(args.max_epochs),
-           "--factor", str(args.factor), "--seeds", str(seed), *sizes, *data_flags]
+    kt_dir = folder / f"keras-tuner-s{seed}"
+    cmd = [sys.executable, __file__, "--keras-tuner", "--kt-dir", str(kt_dir), "--max-epochs",
+           str(args.max_epochs), "--factor", str(args.factor), "--seeds", str(seed), *sizes,
+           *data_flags]
+    draws = ours_draws(seed, PAIRED_DRAWS) if args.paired_draws else None
+    if draws:
+        draws_file = folder / f"draws-s{seed}.json"
+        draws_file.write_text(json.dumps(draws))
+        cmd += ["--draws", str(draws_file)]
     print("$", " ".join(cmd[1:]), file=sys.stderr, flush=True)
     cmd += ["--started-at", repr(time.time())]
     t0 = time.perf_counter()
@@ -174,6 +203,8 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
                   "--reduction-factor", str(args.factor), "--grace-period", "1",
                   "--seed", str(seed), "--cpus-per-trial", str(args.cpus_per_trial), *sizes,
                   *data_flags)
+    if draws:
+        check_draws(ours["trials"], draws[:kt["configs"]])
     raw = ours["raw"]
     if not args.same_configs:  # only what ours had by the time Keras Tuner was done counts
         raw = raw[epoch_ends(raw) - ours["start"] <= kt_wall]
@@ -185,7 +216,9 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
     our_ttt = time_to_target(raw, ours["start"], target)
     ratio = our_ttt / kt_ttt if our_ttt is not None and kt_ttt else None
     return {
-        "seed": seed, "configs": kt["configs"], "kt_trials": kt["trials"], "target": target,
+        "seed": seed, "configs": kt["configs"],
+        "paired_configs": 0 if draws is None else min(kt["configs"], len(ours["trials"])),
+        "kt_trials": kt["trials"], "target": target,
         "kt_best": round(kt_best, 4), "ours_best": None if our_best is None else round(our_best, 4),
         "kt_time_to_target_s": None if kt_ttt is None else round(kt_ttt, 1),
         "ours_time_to_target_s": None if our_ttt is None else round(our_ttt, 1),
@@ -195,6 +228,34 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
         "time_ratio": None if ratio is None else round(ratio, 3),
         "wall_ratio": round(ours["wall_s"] / kt_wall, 3),
     }
+
+def ours_draws(seed: int, n: int) -> list[dict]:
+    """The first n configs `search/run.py --searcher random --seed seed` samples, in order.
+
+    Ray's BasicVariantGenerator resolves each sample with generate_variants on one numpy
+    generator seeded with `seed`; doing the same here gives the same sequence. check_draws
+    compares it with what ours recorded, so a change in Ray's sampling cannot pass unnoticed.
+    """
+    from ray.tune.search.basic_variant import _BackwardsCompatibleNumpyRng
+    from ray.tune.search.variant_generator import generate_variants
+
+    from search.spaces import load_space, to_tune
+
+    rng = _BackwardsCompatibleNumpyRng(seed)
+    spec = {"config": to_tune(load_space("cnn"), "random")}
+    return [next(generate_variants(spec, random_state=rng))[1]["config"] for _ in range(n)]
+
+
+def check_draws(trials, draws: list[dict]) -> None:
+    """Stop unless ours' first trials (in creation order) ran `draws`, one for one."""
+    trials = trials.sort_values("trial_id").head(len(draws))
+    for want, (_, row) in zip(draws, trials.iterrows(), strict=False):  # ours may run fewer
+        got = {k: row[f"params_{k}"] for k in want}
+        same = all(math.isclose(got[k], v, rel_tol=1e-9) if isinstance(v, float) else got[k] == v
+                   for k, v in want.items())
+        if not same:
+            raise SystemExit(f"paired draws: ours ran {got} where Keras Tuner was given {want}")
+
 
 if __name__ == "__main__":
     main()
