@@ -173,7 +173,8 @@ def main() -> None:
 
 
 def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
-    """Keras Tuner, then ours, same split and seed (each tuner draws configs its own way)."""
+    """Keras Tuner, then ours, same split and seed; each tuner draws its own configs, or with
+    --paired-draws Keras Tuner runs ours' draws."""
     data_flags = ["--data-dir", args.data_dir] if args.data_dir else []
     sizes = size_flags(args)
     kt_dir = folder / f"keras-tuner-s{seed}"
@@ -228,6 +229,7 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
         "time_ratio": None if ratio is None else round(ratio, 3),
         "wall_ratio": round(ours["wall_s"] / kt_wall, 3),
     }
+
 
 def ours_draws(seed: int, n: int) -> list[dict]:
     """The first n configs `search/run.py --searcher random --seed seed` samples, in order.
