@@ -177,10 +177,9 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
     --paired-draws Keras Tuner runs ours' draws."""
     data_flags = ["--data-dir", args.data_dir] if args.data_dir else []
     sizes = size_flags(args)
-    kt_dir = folder / f"keras-tuner-s{seed}"
-    cmd = [sys.executable, __file__, "--keras-tuner", "--kt-dir", str(kt_dir), "--max-epochs",
-           str(args.max_epochs), "--factor", str(args.factor), "--seeds", str(seed), *sizes,
-           *data_flags]
+    cmd = [sys.executable, __file__, "--keras-tuner", "--kt-dir",
+           str(folder / f"keras-tuner-s{seed}"), "--max-epochs", str(args.max_epochs),
+           "--factor", str(args.factor), "--seeds", str(seed), *sizes, *data_flags]
     draws = ours_draws(seed, PAIRED_DRAWS) if args.paired_draws else None
     if draws:
         draws_file = folder / f"draws-s{seed}.json"
