@@ -52,7 +52,7 @@ ASHAS = ("asha", "asha-promote")  # the schedulers with rungs at grace x factor^
 # (which counts paused trials as live) breaks each of them.
 PAUSING = {"asha-promote": "no new config starts while they wait",
            "hyperband": "its brackets never fill and it stops no trial"}
-SEARCHERS = ("random", "optuna", "hyperopt", "grid")
+SEARCHERS = ("random", "optuna", "hyperopt", "tpe-rungs", "grid")
 # The default run finishes on a laptop CPU in about 15 minutes; --full is the real study.
 # Measured here: 8 VGG samples at 4 epochs on 12k+12k images hit the 14-min budget with two
 # trials never started; 6k+6k images and 3 epochs let ASHA compare all 8.
@@ -443,6 +443,10 @@ def make_searcher(args: argparse.Namespace, space: Space):
 
         return HyperOptSearch(random_state_seed=args.seed,
                               n_initial_points=min(20, max(1, args.num_samples // 2)))
+    if args.searcher == "tpe-rungs" and space.dists:
+        from search.searchers import RungTPE
+
+        return RungTPE(seed=args.seed)
     # Tune applies max_concurrent_trials only to a Searcher (wrapped in a ConcurrencyLimiter);
     # a BasicVariantGenerator passed in must carry the limit itself or it is silently ignored.
     return BasicVariantGenerator(random_state=args.seed, max_concurrent=args.max_concurrent or 0)

@@ -212,7 +212,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def check_searcher(space: Space, searcher: str) -> None:
     """Optuna and HyperOpt have no notion of a grid: refuse a space with `grid` keys for them."""
-    if searcher in ("optuna", "hyperopt") and space.grid_keys:
+    if searcher in ("optuna", "hyperopt", "tpe-rungs") and space.grid_keys:
         raise SpaceError(
             f"{space.source}: grid keys ({', '.join(space.grid_keys)}) need --searcher grid "
             f"or random, not {searcher}"
