@@ -2,14 +2,15 @@
 
     .venv/bin/pip install -e '.[bench]'     # keras-tuner
     python bench/kt_vs_asha.py [--max-epochs 9] [--factor 3] [--seeds 0 1 2] [--same-configs]
-                                [--cpus-per-trial 2] [--paired-draws]
+                                [--cpus-per-trial 2] [--paired-draws] [--searcher tpe-rungs]
 
 Both search the `cnn` space (Keras Tuner gets the same distributions, translated), with the
 same max epochs and reduction factor, the same train/validation split (2,500 / 2,000 images
 by default), on the same machine, one after the other; once per seed given. Keras Tuner runs
 as its documented single process (TensorFlow using all cores); ours is `search/run.py` with
 the promotion-based ASHA (`--asha asha` for Ray's), one CPU per trial (`--cpus-per-trial 2` on
-this 2-core machine: one two-thread trial at a time).
+this 2-core machine: one two-thread trial at a time), drawing configs at random as Hyperband does
+(`--searcher tpe-rungs`: ours' TPE that learns from every rung's results).
 
 How much each tuner may search: Keras Tuner's Hyperband fixes its own number of configs (17
 for 9 epochs and factor 3, 75 epochs in all); ASHA is an anytime algorithm that keeps sampling
@@ -138,6 +139,9 @@ def main() -> None:
     p.add_argument("--same-configs", action="store_true",
                    help="ours samples as many configs as Hyperband drew, run to the end "
                         "(default: ours samples until Keras Tuner's wall time is spent)")
+    p.add_argument("--searcher", choices=("random", "tpe-rungs", "optuna"), default="random",
+                   help="ours' searcher (default random, as Keras Tuner's Hyperband draws; "
+                        "tpe-rungs learns from every rung's results)")
     p.add_argument("--paired-draws", action="store_true",
                    help="Keras Tuner gets the configs ours draws, in the same order (default: "
                         "each tuner draws its own)")
@@ -150,6 +154,9 @@ def main() -> None:
         return run_keras_tuner(args)
     if not 1 <= args.cpus_per_trial <= (os.cpu_count() or 1):
         p.error(f"--cpus-per-trial must be 1 to {os.cpu_count()} (this machine's cores)")
+    if args.paired_draws and args.searcher != "random":
+        p.error("--paired-draws reproduces the random searcher's draws: not with --searcher "
+                f"{args.searcher}")
     if importlib.util.find_spec("keras_tuner") is None:
         raise SystemExit("keras-tuner is not installed: .venv/bin/pip install -e '.[bench]'")
     folder = workdir(args.keep)
@@ -157,7 +164,7 @@ def main() -> None:
     emit("kt_vs_asha", {
         "bench": "kt_vs_asha", "space": "cnn", "max_epochs": args.max_epochs,
         "factor": args.factor, "ours": args.asha, "seeds": args.seeds,
-        "ours_cpus_per_trial": args.cpus_per_trial,
+        "ours_cpus_per_trial": args.cpus_per_trial, "ours_searcher": args.searcher,
         "ours_budget": "same configs" if args.same_configs else "same wall time",
         "draws": "paired" if args.paired_draws else "independent",
         "train": args.train_size, "val": args.val_size,
@@ -201,7 +208,8 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
     ours = search(folder, f"{args.asha}-{int(time.time())}-s{seed}", "--space", "cnn",
                   "--scheduler", args.asha, *budget, "--max-epochs", str(args.max_epochs),
                   "--reduction-factor", str(args.factor), "--grace-period", "1",
-                  "--seed", str(seed), "--cpus-per-trial", str(args.cpus_per_trial), *sizes,
+                  "--seed", str(seed), "--searcher", args.searcher,
+                  "--cpus-per-trial", str(args.cpus_per_trial), *sizes,
                   *data_flags)
     if draws:
         check_draws(ours["trials"], draws[:kt["configs"]])
