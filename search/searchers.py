@@ -94,8 +94,7 @@ class RungTPE(Searcher):
         state = {"metric": self._metric, "mode": self._mode,
                  "space": {k: distribution_to_json(d) for k, d in self._dists.items()},
                  "params": self._params,
-                 "seen": {str(e): obs for e, obs in self._seen.items()},
-                 "draws": len(self._params)}
+                 "seen": {str(e): obs for e, obs in self._seen.items()}}
         Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
@@ -109,7 +108,7 @@ class RungTPE(Searcher):
                       for e, obs in state["seen"].items()}
         self._studies = {}  # rebuilt from the observations when next needed
         # Fresh random streams, so the resumed search does not draw the first configs again.
-        self._salt = int(state["draws"])
+        self._salt = len(self._params)
         self._coin = random.Random(f"{self._seed}/{self._salt}")
         self._random = None
 

@@ -42,9 +42,9 @@ def _run(s: RungTPE, prefix: str, n: int, epoch: int, peak: float) -> list[dict]
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_until_an_epoch_has_enough_results_then_draws_near_the_best(seed):
     s = _searcher(seed=seed, min_points=8, random_fraction=0.0)
-    first = _run(s, "r", 7, epoch=1, peak=0.85)
+    _run(s, "r", 7, epoch=1, peak=0.85)
     assert s.budget() is None  # 7 results at epoch 1: still drawing at random
-    first += _run(s, "s", 1, epoch=1, peak=0.85)
+    _run(s, "s", 1, epoch=1, peak=0.85)
     assert s.budget() == 1
     learned = _run(s, "t", 30, epoch=1, peak=0.85)
     # Uniform draws land 0.37 from 0.85 on average and pick 16 units a third of the time;
