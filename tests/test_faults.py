@@ -7,6 +7,7 @@ section: every trial ends with a terminal row, the canonical epochs view has eve
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import signal
@@ -194,12 +195,13 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
                                                                    tmp_path):
     # Kill the driver (and its Ray) once 3 trials have reported epoch 1: by then at least two
     # of them wait paused at the rung. --resume brings them back; nothing may be lost or
-    # recorded twice, and the search must still end with a trial at max_t.
+    # recorded twice, and the search must still end with a trial at max_t. The searcher is
+    # tpe-rungs, the one that keeps its own state: Tune restores it from its JSON file.
     samples, max_epochs = 6, 9
     start = [sys.executable, "search/run.py",
              *search_args(tiny_data_dir, tiny_space, tmp_path, "waiting", "--num-samples",
                           str(samples), "--max-epochs", str(max_epochs), "--scheduler",
-                          "asha-promote", "--seed", "2")]
+                          "asha-promote", "--searcher", "tpe-rungs", "--seed", "2")]
     store = ExperimentStore(str(tmp_path), "waiting")
     proc = subprocess.Popen(start, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -216,6 +218,7 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     seen = set(_keys(store.read_epochs()))
+    resumed_at = time.time()
     resumed = subprocess.run(_resume_cmd(tmp_path, "waiting"), cwd=REPO, env=_env(),
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -228,3 +231,18 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
         assert mine == list(range(1, row.epochs + 1)), row.trial_id
     assert (trials["epochs"] == max_epochs).any()
     assert not list((tmp_path / "waiting").rglob("*.tmp"))
+    # The restored searcher drew no config twice and lost none: it holds exactly the trials'
+    # configs. Its results are those of Tune's last experiment checkpoint before the kill (a
+    # result that came after it is in Parquet but not in the searcher) and all that came after
+    # the resume. Each run writes its own file, named by its start time: the newest is read.
+    state = json.loads(max((tmp_path / "waiting" / "ray").glob("searcher-state-*.json"))
+                       .read_text())
+    by_id = trials.set_index("trial_id")
+    assert set(state["params"]) == set(by_id.index)
+    for trial_id, params in state["params"].items():
+        assert params == {k: by_id.loc[trial_id, f"params_{k}"] for k in params}, trial_id
+    observed = {(tid, int(e)) for e, results in state["seen"].items() for tid in results}
+    raw = store.read_epochs(canonical=False)
+    after = raw[raw["timestamp"].map(lambda t: t.timestamp()) > resumed_at]
+    assert not after.empty
+    assert set(_keys(after)) <= observed <= set(_keys(epochs))
