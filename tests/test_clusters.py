@@ -156,9 +156,11 @@ def test_four_quarter_gpu_trials_fit_on_one_gpu():
 
 
 # The real trainable, except that each trial's first epoch waits (60 s at most) until trials
-# have started on two nodes. Tiny trials end in about a second, and Tune hands the next trial
-# to the actor that is free rather than wait for one still starting (importing TensorFlow) on
-# the other node: without the wait a slow start there leaves every trial on one node.
+# have started on two nodes (each writes its node id as a file in one folder: every node of
+# this test runs on this machine). Tiny trials end in about a second, and Tune hands the next
+# trial to the actor that is free rather than wait for one still starting (importing
+# TensorFlow) on the other node: without the wait a slow start there leaves every trial on one
+# node.
 MEET_DRIVER = """\
 import sys, time
 from pathlib import Path
