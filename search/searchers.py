@@ -137,15 +137,15 @@ class RungTPE(Searcher):
         epoch, value = result.get(TIME_ATTR), result.get(self._metric)
         if trial_id not in self._params or epoch is None or value is None:
             return
-        value = float(value)
+        epoch, value = int(epoch), float(value)
         if math.isnan(value):
             return  # nothing to learn from; the trial's later epochs may still report
-        seen = self._seen.setdefault(int(epoch), {})
+        seen = self._seen.setdefault(epoch, {})
         if trial_id in seen:
             return  # a retry from a checkpoint repeats epochs: keep the first report
         seen[trial_id] = value
-        if int(epoch) in self._studies:
-            self._add(self._studies[int(epoch)], trial_id, value)
+        if epoch in self._studies:
+            self._add(self._studies[epoch], trial_id, value)
 
     def _study(self, epoch: int) -> Any:
         if epoch not in self._studies:

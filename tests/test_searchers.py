@@ -110,15 +110,18 @@ def test_a_restore_reads_back_results_logged_after_the_state_file(tmp_path):
     s = _searcher(seed=0)
     drawn = {f"t{i}": s.suggest(f"t{i}") for i in range(4)}
     logs = {tid: [] for tid in drawn}
-    for tid, epoch in (("t0", 1), ("t1", 1), ("t2", 1)):
-        _report(s, tid, epoch, _score(drawn[tid], 0.5))
+
+    def log(tid: str, epoch: int) -> None:  # a line of Tune's result.json for the trial
         logs[tid].append({"trial_id": tid, "epoch": epoch, "training_iteration": epoch,
                           "val_accuracy": _score(drawn[tid], 0.5)})
+
+    for tid in ("t0", "t1", "t2"):
+        _report(s, tid, 1, _score(drawn[tid], 0.5))
+        log(tid, 1)
     state = tmp_path / "searcher-state"
     s.save(str(state))
-    for tid, epoch in (("t0", 2), ("t3", 1)):  # reported after the save, lost with the driver
-        logs[tid].append({"trial_id": tid, "epoch": epoch, "training_iteration": epoch,
-                          "val_accuracy": _score(drawn[tid], 0.5)})
+    log("t0", 2)  # reported after the save, lost with the driver
+    log("t3", 1)
     for tid, lines in logs.items():
         folder = tmp_path / "exp" / "ray" / f"FMNISTTrainable_{tid}"
         folder.mkdir(parents=True)
