@@ -429,7 +429,7 @@ def make_scheduler(args: argparse.Namespace):
     return FIFOScheduler()
 
 
-def make_searcher(args: argparse.Namespace, space: Space, store: ExperimentStore | None = None):
+def make_searcher(args: argparse.Namespace, space: Space):
     from ray.tune.search import BasicVariantGenerator
 
     if args.searcher == "optuna" and space.dists:
@@ -446,7 +446,7 @@ def make_searcher(args: argparse.Namespace, space: Space, store: ExperimentStore
     if args.searcher == "tpe-rungs" and space.dists:
         from search.searchers import RungTPE
 
-        return RungTPE(seed=args.seed, store=store)
+        return RungTPE(seed=args.seed)
     # Tune applies max_concurrent_trials only to a Searcher (wrapped in a ConcurrencyLimiter);
     # a BasicVariantGenerator passed in must carry the limit itself or it is silently ignored.
     return BasicVariantGenerator(random_state=args.seed, max_concurrent=args.max_concurrent or 0)
@@ -544,7 +544,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
                 param_space=to_tune(plan.space, a.searcher),
                 tune_config=tune.TuneConfig(
                     metric=METRIC, mode=MODE, scheduler=make_scheduler(a),
-                    search_alg=make_searcher(a, plan.space, plan.store), num_samples=a.num_samples,
+                    search_alg=make_searcher(a, plan.space), num_samples=a.num_samples,
                     max_concurrent_trials=a.max_concurrent, time_budget_s=a.time_budget,
                     reuse_actors=True,
                 ),

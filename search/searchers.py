@@ -12,10 +12,7 @@ at Scale", ICML 2018, which fits its own kernel density estimator where this use
 While no epoch has that many observations, and for `random_fraction` of the draws after that, the
 config is drawn at random, so the search keeps exploring when early epochs mislead.
 
-The state (configs drawn and observations) is saved as JSON for `--resume`, not pickled. Tune
-writes it at its experiment checkpoints (every 10 s or more), so after a hard kill the file lacks
-the latest results; given the experiment's store, a restore reads those back from the per-trial
-`result.json` logs Tune keeps there (as the Parquet recorder does).
+The state (configs drawn and observations) is saved as JSON for `--resume`, not pickled.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ class RungTPE(Searcher):
     CKPT_FILE_TMPL = "searcher-state-{}.json"  # what save() writes (Ray's default says .pkl)
 
     def __init__(self, seed: int = 0, min_points: int = 10, random_fraction: float = 1 / 3,
-                 metric: str | None = None, mode: str | None = None, store: Any = None):
+                 metric: str | None = None, mode: str | None = None):
         super().__init__(metric=metric, mode=mode)
         if min_points < 1 or not 0 <= random_fraction <= 1:
             raise ValueError(f"need min_points >= 1 and random_fraction in [0, 1], got "
@@ -52,8 +49,6 @@ class RungTPE(Searcher):
         self._coin = random.Random(seed)
         self._salt = 0  # draws made before a --resume, so a resumed search draws afresh
         self._random: Any = None  # the study that draws at random, made when first needed
-        # The experiment's store (its `ray_results()`: trial id, epoch, result), read on restore.
-        self._store = store
 
     # ------------------------------------------------------------------ Ray Tune's Searcher
 
@@ -116,11 +111,6 @@ class RungTPE(Searcher):
         self._salt = len(self._params)
         self._coin = random.Random(f"{self._seed}/{self._salt}")
         self._random = None
-        # Results that came after the file was written: a trial resumes from its checkpoint and
-        # does not report those epochs again.
-        if self._store is not None:
-            for trial_id, _, result in self._store.ray_results():
-                self._observe(trial_id, result)
 
     # ------------------------------------------------------------------ observations
 

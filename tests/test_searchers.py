@@ -10,7 +10,6 @@ import statistics
 import pytest
 from ray import tune
 
-from results.store import ExperimentStore
 from search.searchers import RungTPE
 
 SPACE = {"x": tune.uniform(0.0, 1.0), "units": tune.choice([8, 16, 32])}
@@ -102,40 +101,6 @@ def test_state_is_json_and_a_restored_searcher_goes_on_learning(tmp_path):
     fresh = RungTPE(seed=0, min_points=100)
     fresh.restore(str(path))
     assert [fresh.suggest(f"f{i}")["x"] for i in range(3)] != [c["x"] for c in drawn[:3]]
-
-
-def test_a_restore_reads_back_results_logged_after_the_state_file(tmp_path):
-    # A hard kill: the state file was written after 3 results, Tune's result.json logs in the
-    # experiment's folder hold 2 more (and a torn last line). The restored searcher has all 5.
-    s = _searcher(seed=0)
-    drawn = {f"t{i}": s.suggest(f"t{i}") for i in range(4)}
-    logs = {tid: [] for tid in drawn}
-
-    def log(tid: str, epoch: int) -> None:  # a line of Tune's result.json for the trial
-        logs[tid].append({"trial_id": tid, "epoch": epoch, "training_iteration": epoch,
-                          "val_accuracy": _score(drawn[tid], 0.5)})
-
-    for tid in ("t0", "t1", "t2"):
-        _report(s, tid, 1, _score(drawn[tid], 0.5))
-        log(tid, 1)
-    state = tmp_path / "searcher-state"
-    s.save(str(state))
-    log("t0", 2)  # reported after the save, lost with the driver
-    log("t3", 1)
-    for tid, lines in logs.items():
-        folder = tmp_path / "exp" / "ray" / f"FMNISTTrainable_{tid}"
-        folder.mkdir(parents=True)
-        torn = '{"trial_id": "t3", "ep' if tid == "t3" else ""
-        (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in lines) + torn)
-
-    restored = RungTPE(seed=0, store=ExperimentStore(str(tmp_path), "exp"))
-    restored.restore(str(state))
-    assert set(restored.observations(1)) == {"t0", "t1", "t2", "t3"}
-    assert restored.observations(2) == {"t0": pytest.approx(_score(drawn["t0"], 0.5))}
-    # Without the store only what the file held: the 3 results before the save.
-    alone = RungTPE(seed=0)
-    alone.restore(str(state))
-    assert set(alone.observations(1)) == {"t0", "t1", "t2"} and not alone.observations(2)
 
 
 def test_bad_settings_and_a_missing_space_are_refused():
