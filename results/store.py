@@ -195,13 +195,25 @@ class ExperimentStore:
 
     # ------------------------------------------------------------------ reading
 
+    def _ray_texts(self, base_name: str) -> Iterator[str]:
+        for info in self._list(RAY_DIR):
+            if info.base_name == base_name:
+                with self.fs.open_input_stream(info.path) as f:
+                    yield f.read().decode("utf-8", errors="replace")
+
+    def ray_json(self, base_name: str) -> Iterator[dict[str, Any]]:
+        """Every readable JSON object in a file named `base_name` under `ray/` (any depth)."""
+        for text in self._ray_texts(base_name):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                continue  # torn by a kill mid-write
+            if isinstance(value, dict):
+                yield value
+
     def ray_results(self) -> Iterator[tuple[str, int, dict[str, Any]]]:
         """(trial_id, epoch, result) from Ray Tune's own per-trial `result.json` logs."""
-        for info in self._list(RAY_DIR):
-            if info.base_name != "result.json":
-                continue
-            with self.fs.open_input_stream(info.path) as f:
-                text = f.read().decode("utf-8", errors="replace")
+        for text in self._ray_texts("result.json"):
             for line in text.splitlines():
                 try:
                     result = json.loads(line)

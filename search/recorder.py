@@ -15,8 +15,9 @@ from typing import Any
 from ray.tune import Callback
 
 from results.store import PARAM_PREFIX, ExperimentStore
+from search.trainable import TRIAL_FILE
 
-TERMINAL = ("completed", "stopped", "error", "budget")
+TERMINAL = ("completed", "stopped", "error", "budget", "abandoned")
 
 
 def _now() -> datetime:
@@ -151,17 +152,36 @@ class ParquetRecorder(Callback):
         for trial in trials:
             if trial.trial_id not in self._terminal:
                 self._finish(trial, error=None, budget=True)
+        self._abandon_forgotten({trial.trial_id for trial in trials})
         self.flush()
         self.print_progress(trials)
 
     # ------------------------------------------------------------------ rows
 
+    def _abandon_forgotten(self, known: set[str]) -> None:
+        """A terminal row for each trial with epochs on disk that Ray Tune no longer knows.
+
+        Tune saves its experiment state every so often; a trial it started after the last save
+        is unknown to the run that `--resume` starts after a hard stop, which draws a new config
+        in its place (a searcher that names trials at random) or reruns the same one under the
+        same id (the random searcher: nothing to do here). The trial's config comes back from
+        the file its checkpoints carry.
+        """
+        forgotten = [t for t in self._history if t not in self._terminal and t not in known]
+        if not forgotten:
+            return
+        configs = {c.get("trial_id"): c.get("config") for c in self.store.ray_json(TRIAL_FILE)}
+        for trial_id in forgotten:
+            epochs = max(self._history[trial_id])
+            self._record(trial_id, configs.get(trial_id) or {}, "abandoned",
+                         f"abandoned at epoch {epochs}: it started after Ray Tune last saved "
+                         "its state, and the search went on under --resume without it")
+
     def _finish(self, trial: Any, error: str | None, budget: bool = False) -> None:
-        history = self._history.get(trial.trial_id, {})
+        trial_id = trial.trial_id
+        history = self._history.get(trial_id, {})
         epochs = max(history) if history else 0
         max_epochs = int({**self.fixed, **trial.config}.get("epochs", 0))
-        accs = {e: r["val_accuracy"] for e, r in history.items() if r["val_accuracy"] is not None}
-        best_epoch = max(accs, key=lambda e: (accs[e], -e)) if accs else None
         if error is not None:
             status, reason = "error", f"error at epoch {epochs + 1}: {error}"
             self.failed.append(trial.trial_id)
@@ -173,12 +193,22 @@ class ParquetRecorder(Callback):
             status, reason = "budget", f"time budget ended the search at epoch {epochs}"
         else:
             status, reason = "stopped", f"stopped by {self.scheduler} at epoch {epochs}"
+        self._record(trial_id, trial.config, status, reason, error,
+                     failures=int(getattr(trial, "num_failures", 0) or 0))
+
+    def _record(self, trial_id: str, config: dict[str, Any], status: str, reason: str,
+                error: str | None = None, failures: int = 0) -> None:
+        """Write a trial's terminal row from its recorded epochs."""
+        history = self._history.get(trial_id, {})
+        epochs = max(history) if history else 0
+        accs = {e: r["val_accuracy"] for e, r in history.items() if r["val_accuracy"] is not None}
+        best_epoch = max(accs, key=lambda e: (accs[e], -e)) if accs else None
         last = history.get(epochs, {})
-        started = self._started.get(trial.trial_id)
+        started = self._started.get(trial_id)
         end = _now()
         row = {
-            "trial_id": trial.trial_id,
-            "family": {**self.fixed, **trial.config}.get("model"),
+            "trial_id": trial_id,
+            "family": {**self.fixed, **config}.get("model"),
             "status": status,
             "stop_reason": reason,
             "epochs": epochs,
@@ -194,14 +224,14 @@ class ParquetRecorder(Callback):
             "node": last.get("node"),
             "gpu_ids": last.get("gpu_ids"),
             "data_sha256": last.get("data_sha256"),
-            "failures": int(getattr(trial, "num_failures", 0) or 0),
+            "failures": failures,
             "error": error,
             "written_at": end,
         }
-        for key, value in {**self.fixed, **trial.config}.items():
+        for key, value in {**self.fixed, **config}.items():
             row[PARAM_PREFIX + key] = value
         self._trials.append(row)
-        self._terminal[trial.trial_id] = status
+        self._terminal[trial_id] = status
         self.flush()
 
     def flush(self) -> None:

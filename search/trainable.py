@@ -8,9 +8,11 @@ imported and initialized once per worker, not once per trial.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -18,6 +20,10 @@ from ray import tune
 
 from fmnist.config import TrainConfig
 from fmnist.data import DATA_KEYS, digest_arrays
+
+# Written into every checkpoint beside the model: which trial it is and its sampled config.
+# The recorder reads it back for a trial that Ray Tune forgot (see ParquetRecorder).
+TRIAL_FILE = "trial.json"
 
 # fmnist.train (Keras, TensorFlow) is imported inside the methods below, which run in the
 # workers: the driver only needs this class by name and never pays TensorFlow's import.
@@ -70,6 +76,11 @@ def _configure_gpu(fraction: float) -> None:
         pass  # already initialized in this (reused) worker: keep what it has
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars (searchers' draws) as Python numbers for JSON; anything else as text."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 class FMNISTTrainable(tune.Trainable):
     """`config` holds the sampled hyperparameters; `fixed` the space's fixed values."""
 
@@ -119,6 +130,8 @@ class FMNISTTrainable(tune.Trainable):
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         self._training.save(checkpoint_dir)
+        mine = {"trial_id": self.trial_id, "config": self.config}
+        (Path(checkpoint_dir) / TRIAL_FILE).write_text(json.dumps(mine, default=_plain))
 
     def load_checkpoint(self, checkpoint: str | dict) -> None:
         self._training.restore(checkpoint)

@@ -222,7 +222,11 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials, epochs = store.read_trials(), store.read_epochs()
-    assert len(trials) == samples and set(trials["status"]) <= {"completed", "stopped"}
+    # A trial started after Tune's last saved state is unknown to the resumed run, which draws
+    # another in its place: it ends `abandoned` (test_a_trial_started_after_tunes_last_...).
+    live = trials[trials["status"] != "abandoned"]
+    assert len(live) == samples and set(live["status"]) <= {"completed", "stopped"}
+    assert set(epochs["trial_id"]) == set(trials["trial_id"])  # every trial has its row
     assert seen <= set(_keys(epochs))  # nothing seen before the kill went missing
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     for row in trials.itertuples():
@@ -233,14 +237,90 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
     # The restored searcher drew no config twice and lost none: it holds exactly the trials'
     # configs and every result they recorded (a result that came after Tune's last experiment
     # checkpoint is reported again: the trial resumes from the checkpoint Tune knows). Each run
-    # writes its own state file, named by its start time: the newest is read. Trials started
-    # after that checkpoint are unknown to Tune and the searcher once resumed; their epochs
-    # stay in Parquet without a trial row and are left out here.
+    # writes its own state file, named by its start time: the newest is read. Abandoned trials
+    # are unknown to the resumed searcher.
     state = json.loads(max((tmp_path / "waiting" / "ray").glob("searcher-state-*.json"))
                        .read_text())
-    by_id = trials.set_index("trial_id")
+    by_id = live.set_index("trial_id")
     assert set(state["params"]) == set(by_id.index)
     for trial_id, params in state["params"].items():
         assert params == {k: by_id.loc[trial_id, f"params_{k}"] for k in params}, trial_id
     observed = {(tid, int(e)) for e, results in state["seen"].items() for tid in results}
     assert observed == set(_keys(epochs[epochs["trial_id"].isin(by_id.index)]))
+
+
+HOLD_DRIVER = """\
+import json, os, sys, time
+from pathlib import Path
+from search import run
+from search.trainable import FMNISTTrainable
+
+FOLDER, HOLD = Path(sys.argv[1]), sys.argv[2] == "hold"
+
+
+class FMNISTTrainable(FMNISTTrainable):  # the same name: Tune's --resume checks it
+    def step(self):
+        if self._training.epoch == 0:  # the first trial to train claims the folder
+            try:
+                os.close(os.open(FOLDER / "first", os.O_CREAT | os.O_EXCL))
+                self._hold = False
+            except FileExistsError:
+                self._hold = HOLD
+        elif self._hold:  # any later trial reports epoch 1, then waits here to be killed
+            tmp = FOLDER / "held.tmp"
+            tmp.write_text(json.dumps({"trial_id": self.trial_id, "config": self.config}))
+            tmp.rename(FOLDER / "held.json")
+            time.sleep(300)
+        return super().step()
+
+
+sys.exit(run.run_search(run.resolve(sys.argv[3:]), trainable_cls=FMNISTTrainable))
+"""
+
+
+def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
+        tiny_data_dir, tiny_space, tmp_path):
+    # Tune saves its experiment state every so often (here only when forced: a trial's second
+    # checkpoint). A trial it started since then is unknown to `--resume`, which draws a new
+    # config in its place (tpe-rungs names trials at random). The forgotten trial's epochs are
+    # in Parquet already; it must end with a terminal row like every other trial.
+    driver, folder = tmp_path / "driver.py", tmp_path / "hold"
+    driver.write_text(HOLD_DRIVER)
+    folder.mkdir()
+    argv = search_args(tiny_data_dir, tiny_space, tmp_path, "forgot", "--num-samples", "2",
+                       "--max-epochs", "2", "--scheduler", "fifo", "--max-concurrent", "1",
+                       "--searcher", "tpe-rungs", "--seed", "3")
+    env = {**_env(), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(driver), str(folder), "hold", *argv], cwd=REPO,
+                            env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "100000"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    store = ExperimentStore(str(tmp_path), "forgot")
+    held, deadline = None, time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (folder / "held.json").exists():
+            held = json.loads((folder / "held.json").read_text())
+            if held["trial_id"] in set(store.read_epochs()["trial_id"]):
+                break
+        time.sleep(0.3)
+    assert proc.poll() is None and held is not None, proc.stderr.read()[-3000:] \
+        if proc.poll() is not None else "no trial held before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    resumed = subprocess.run([sys.executable, str(driver), str(folder), "go",
+                              *_resume_cmd(tmp_path, "forgot")[2:]], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials, epochs = store.read_trials(), store.read_epochs()
+    assert set(epochs["trial_id"]) == set(trials["trial_id"])  # every trial has its row
+    assert len(trials) == 3
+    lost = trials.set_index("trial_id").loc[held["trial_id"]]
+    assert lost["status"] == "abandoned" and lost["epochs"] == 1, lost.to_dict()
+    assert "--resume" in lost["stop_reason"]
+    assert lost["best_val_accuracy"] == epochs[epochs["trial_id"] == held["trial_id"]][
+        "val_accuracy"].iloc[0]
+    for key, value in held["config"].items():
+        assert lost[f"params_{key}"] == value, key
+    others = trials[trials["trial_id"] != held["trial_id"]]
+    assert set(others["status"]) == {"completed"} and set(others["epochs"]) == {2}
+    assert len(epochs) == 5 and not list((tmp_path / "forgot").rglob("*.tmp"))
