@@ -170,10 +170,11 @@ class ParquetRecorder(Callback):
         forgotten = [t for t in self._history if t not in self._terminal and t not in known]
         if not forgotten:
             return
-        configs = {c.get("trial_id"): c.get("config") for c in self.store.ray_json(TRIAL_FILE)}
+        configs = {c.get("trial_id"): c.get("config") for c in self.store.ray_json(TRIAL_FILE)
+                   if isinstance(c.get("config"), dict)}
         for trial_id in forgotten:
             epochs = max(self._history[trial_id])
-            self._record(trial_id, configs.get(trial_id) or {}, "abandoned",
+            self._record(trial_id, configs.get(trial_id, {}), "abandoned",
                          f"abandoned at epoch {epochs}: it started after Ray Tune last saved "
                          "its state, and the search went on under --resume without it")
 
@@ -184,10 +185,10 @@ class ParquetRecorder(Callback):
         max_epochs = int({**self.fixed, **trial.config}.get("epochs", 0))
         if error is not None:
             status, reason = "error", f"error at epoch {epochs + 1}: {error}"
-            self.failed.append(trial.trial_id)
+            self.failed.append(trial_id)
         elif epochs >= max_epochs > 0:
             status, reason = "completed", "completed"
-        elif budget and not history and trial.trial_id not in self._started:
+        elif budget and not history and trial_id not in self._started:
             status, reason = "budget", "time budget ended the search before the trial started"
         elif budget:
             status, reason = "budget", f"time budget ended the search at epoch {epochs}"

@@ -34,6 +34,21 @@ def test_leftover_tmp_files_are_ignored_then_swept(tmp_path):
     assert len(store.read_epochs()) == 3
 
 
+def test_checkpoint_trial_files_are_read_back_torn_ones_skipped(tmp_path):
+    # What the recorder reads for a trial Tune forgot: the trial.json its checkpoints carry.
+    ray = tmp_path / "e" / "ray"
+    files = {"T_a/checkpoint_000000/trial.json": '{"trial_id": "a", "config": {"units": 8}}',
+             "T_a/checkpoint_000001/trial.json": '{"trial_id": "a", "config": {"units": 8}}',
+             "T_b/checkpoint_000000/trial.json": '{"trial_id": "b", "conf',  # torn by a kill
+             "T_c/checkpoint_000000/trial.json": '["not", "an", "object"]',
+             "T_c/checkpoint_000000/state.json": '{"epoch": 1}'}
+    for name, text in files.items():
+        (ray / name).parent.mkdir(parents=True, exist_ok=True)
+        (ray / name).write_text(text)
+    found = list(ExperimentStore(str(tmp_path), "e").ray_json("trial.json"))
+    assert found == [{"trial_id": "a", "config": {"units": 8}}] * 2
+
+
 @pytest.mark.parametrize("damage", ["zero-byte", "truncated"])
 def test_damaged_part_is_reported_and_moved_aside(tmp_path, damage):
     store = ExperimentStore(str(tmp_path), "e")
