@@ -38,6 +38,57 @@ def _keys(epochs) -> list[tuple[str, int]]:
     return sorted(zip(epochs["trial_id"], epochs["epoch"], strict=True))
 
 
+# Runs the search with a subclass of the real trainable, under the same class name (Tune's
+# --resume checks it). MODE "slow": every epoch lasts 1 s at least, so a search's work does not
+# shrink below the kill delays on a fast machine. "hold": the first trial to train goes on,
+# any later one reports epoch 1 and then waits to be killed. "go": neither.
+DRIVER = """\
+import json, os, sys, time
+from pathlib import Path
+from search import run
+from search.trainable import FMNISTTrainable
+
+FOLDER, MODE = Path(sys.argv[1]), sys.argv[2]
+
+
+def claim(path):
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
+class FMNISTTrainable(FMNISTTrainable):
+    def step(self):
+        if MODE == "slow":
+            time.sleep(1.0)
+        elif self._training.epoch == 0:
+            self._hold = MODE == "hold" and not claim(FOLDER / "first")
+        elif self._hold:
+            tmp = FOLDER / "held.tmp"
+            tmp.write_text(json.dumps({"trial_id": self.trial_id, "config": self.config}))
+            tmp.rename(FOLDER / "held.json")
+            time.sleep(300)
+        return super().step()
+
+
+sys.exit(run.run_search(run.resolve(sys.argv[3:]), trainable_cls=FMNISTTrainable))
+"""
+
+
+def _driver(tmp_path: Path, mode: str, argv: list[str]) -> list[str]:
+    """The command that runs DRIVER in `mode` with search arguments `argv`."""
+    driver, folder = tmp_path / "driver.py", tmp_path / "driver-files"
+    driver.write_text(DRIVER)
+    folder.mkdir(exist_ok=True)
+    return [sys.executable, str(driver), str(folder), mode, *argv]
+
+
+def _driver_env() -> dict[str, str]:
+    return {**_env(), "PYTHONPATH": str(REPO)}
+
+
 def _resume_cmd(storage: Path, name: str) -> list[str]:
     """The command that continues experiment `name`, as a user types it."""
     return [sys.executable, "search/run.py", "--storage", str(storage), "--name", name,
@@ -139,16 +190,15 @@ def test_driver_killed_at_random_moments_then_resumed(tiny_data_dir, tiny_space,
     rng = random.Random(seed)
     samples, epochs_per_trial, kills_wanted = 3, 8, 3
     why = f"(kill-time seed {seed})"
-    start = [sys.executable, "search/run.py",
-             *search_args(tiny_data_dir, tiny_space, tmp_path, "killed", "--num-samples",
-                          str(samples), "--max-epochs", str(epochs_per_trial), "--scheduler",
-                          "fifo", "--max-concurrent", "2")]
-    resume = _resume_cmd(tmp_path, "killed")
+    start = _driver(tmp_path, "slow", search_args(
+        tiny_data_dir, tiny_space, tmp_path, "killed", "--num-samples", str(samples),
+        "--max-epochs", str(epochs_per_trial), "--scheduler", "fifo", "--max-concurrent", "2"))
+    resume = _driver(tmp_path, "slow", _resume_cmd(tmp_path, "killed")[2:])
     store = ExperimentStore(str(tmp_path), "killed")
     epochs_dir = tmp_path / "killed" / "epochs"
     completed, seen, kills, planted, rc = [0], set(), 0, None, None
     for run_no in range(kills_wanted + 3):
-        proc = subprocess.Popen(start if run_no == 0 else resume, cwd=REPO, env=_env(),
+        proc = subprocess.Popen(start if run_no == 0 else resume, cwd=REPO, env=_driver_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # its own group: driver and its Ray
         if kills < kills_wanted:
@@ -249,33 +299,6 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
     assert observed == set(_keys(epochs[epochs["trial_id"].isin(by_id.index)]))
 
 
-HOLD_DRIVER = """\
-import json, os, sys, time
-from pathlib import Path
-from search import run
-from search.trainable import FMNISTTrainable
-
-FOLDER, HOLD = Path(sys.argv[1]), sys.argv[2] == "hold"
-
-
-class FMNISTTrainable(FMNISTTrainable):  # the same name: Tune's --resume checks it
-    def step(self):
-        if self._training.epoch == 0:  # the first trial to train claims the folder
-            try:
-                os.close(os.open(FOLDER / "first", os.O_CREAT | os.O_EXCL))
-                self._hold = False
-            except FileExistsError:
-                self._hold = HOLD
-        elif self._hold:  # any later trial reports epoch 1, then waits here to be killed
-            tmp = FOLDER / "held.tmp"
-            tmp.write_text(json.dumps({"trial_id": self.trial_id, "config": self.config}))
-            tmp.rename(FOLDER / "held.json")
-            time.sleep(300)
-        return super().step()
-
-
-sys.exit(run.run_search(run.resolve(sys.argv[3:]), trainable_cls=FMNISTTrainable))
-"""
 
 
 def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
@@ -284,15 +307,12 @@ def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
     # checkpoint). A trial it started since then is unknown to `--resume`, which draws a new
     # config in its place (tpe-rungs names trials at random). The forgotten trial's epochs are
     # in Parquet already; it must end with a terminal row like every other trial.
-    driver, folder = tmp_path / "driver.py", tmp_path / "hold"
-    driver.write_text(HOLD_DRIVER)
-    folder.mkdir()
+    folder = tmp_path / "driver-files"
     argv = search_args(tiny_data_dir, tiny_space, tmp_path, "forgot", "--num-samples", "2",
                        "--max-epochs", "2", "--scheduler", "fifo", "--max-concurrent", "1",
                        "--searcher", "tpe-rungs", "--seed", "3")
-    env = {**_env(), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(driver), str(folder), "hold", *argv], cwd=REPO,
-                            env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "100000"},
+    proc = subprocess.Popen(_driver(tmp_path, "hold", argv), cwd=REPO,
+                            env={**_driver_env(), "TUNE_GLOBAL_CHECKPOINT_S": "100000"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     store = ExperimentStore(str(tmp_path), "forgot")
@@ -307,9 +327,9 @@ def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
         if proc.poll() is not None else "no trial held before the deadline"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    resumed = subprocess.run([sys.executable, str(driver), str(folder), "go",
-                              *_resume_cmd(tmp_path, "forgot")[2:]], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(_driver(tmp_path, "go", _resume_cmd(tmp_path, "forgot")[2:]),
+                             cwd=REPO, env=_driver_env(), capture_output=True, text=True,
+                             timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials, epochs = store.read_trials(), store.read_epochs()
     assert set(epochs["trial_id"]) == set(trials["trial_id"])  # every trial has its row
