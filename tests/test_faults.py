@@ -65,7 +65,7 @@ class FMNISTTrainable(FMNISTTrainable):
             time.sleep(1.0)
         elif self._training.epoch == 0:
             self._hold = MODE == "hold" and not claim(FOLDER / "first")
-        elif self._hold:
+        elif getattr(self, "_hold", False):  # unset in a trial restored past epoch 0
             tmp = FOLDER / "held.tmp"
             tmp.write_text(json.dumps({"trial_id": self.trial_id, "config": self.config}))
             tmp.rename(FOLDER / "held.json")
@@ -297,8 +297,6 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
         assert params == {k: by_id.loc[trial_id, f"params_{k}"] for k in params}, trial_id
     observed = {(tid, int(e)) for e, results in state["seen"].items() for tid in results}
     assert observed == set(_keys(epochs[epochs["trial_id"].isin(by_id.index)]))
-
-
 
 
 def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
