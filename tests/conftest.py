@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,71 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from fmnist.data import FILES, write_idx  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Runs a search the way `search/run.py` does after parsing (`run.resolve`, `run.run_search`),
+# with a subclass of the real trainable under the same class name (Tune's --resume checks it).
+# FOLDER holds the files its trials leave for the test. MODE:
+#   "slow": every epoch lasts 1 s at least, so a search's work does not shrink below a test's
+#           kill delays on a fast machine;
+#   "hold": the first trial to train goes on, any later one reports epoch 1, writes held.json
+#           (its id and config) and waits to be killed; "go": nothing (the resumed run);
+#   "meet": each trial's first epoch waits (60 s at most) until trials have started on two
+#           nodes, each writing its node id as a file (all nodes of a test share this disk).
+DRIVER = """\
+import json, os, sys, time
+from pathlib import Path
+from search import run
+from search.trainable import FMNISTTrainable
+
+FOLDER, MODE = Path(sys.argv[1]), sys.argv[2]
+
+
+def claim(path):
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
+class FMNISTTrainable(FMNISTTrainable):
+    def step(self):
+        if MODE == "slow":
+            time.sleep(1.0)
+        elif MODE == "meet":
+            if self._training.epoch == 0:
+                (FOLDER / self._node).touch()
+                deadline = time.monotonic() + 60
+                while len(list(FOLDER.iterdir())) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        elif self._training.epoch == 0:
+            self._hold = MODE == "hold" and not claim(FOLDER / "first")
+        elif getattr(self, "_hold", False):  # unset in a trial restored past epoch 0
+            tmp = FOLDER / "held.tmp"
+            tmp.write_text(json.dumps({"trial_id": self.trial_id, "config": self.config}))
+            tmp.rename(FOLDER / "held.json")
+            time.sleep(300)
+        return super().step()
+
+
+sys.exit(run.run_search(run.resolve(sys.argv[3:]), trainable_cls=FMNISTTrainable))
+"""
+
+
+def driver_cmd(tmp_path: Path, mode: str, argv: list[str]) -> list[str]:
+    """The command that runs DRIVER in `mode` with search arguments `argv`; its FOLDER is
+    `tmp_path / "driver-files"`."""
+    driver, folder = tmp_path / "driver.py", tmp_path / "driver-files"
+    driver.write_text(DRIVER)
+    folder.mkdir(exist_ok=True)
+    return [sys.executable, str(driver), str(folder), mode, *argv]
+
+
+def driver_env() -> dict[str, str]:
+    """The environment as it is now (once this process has run ray.init, Ray has set
+    RAY_AUTH_MODE=token here, and clusters started from here expect a token), unbuffered,
+    with the repository importable."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 
 
 def make_images(labels: np.ndarray, seed: int, marker: int | None = None) -> np.ndarray:

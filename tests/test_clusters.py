@@ -15,7 +15,7 @@ import yaml
 
 from results.store import ExperimentStore
 from search.trainable import gpu_memory_settings
-from tests.conftest import REPO, search_args
+from tests.conftest import REPO, driver_cmd, driver_env, search_args
 
 CLUSTERS = REPO / "clusters"
 LAUNCHER = sorted(CLUSTERS.glob("*.yaml"))
@@ -155,35 +155,10 @@ def test_four_quarter_gpu_trials_fit_on_one_gpu():
     assert sum(limits) < total and min(limits) > 0.2 * total
 
 
-# The real trainable, except that each trial's first epoch waits (60 s at most) until trials
-# have started on two nodes (each writes its node id as a file in one folder: every node of
-# this test runs on this machine). Tiny trials end in about a second, and Tune hands the next
-# trial to the actor that is free rather than wait for one still starting (importing
-# TensorFlow) on the other node: without the wait a slow start there leaves every trial on one
-# node.
-MEET_DRIVER = """\
-import sys, time
-from pathlib import Path
-from search import run
-from search.trainable import FMNISTTrainable
-
-MEET = Path(sys.argv[1])
-
-
-class MeetOnTwoNodes(FMNISTTrainable):
-    def step(self):
-        if self._training.epoch == 0:
-            (MEET / self._node).touch()
-            deadline = time.monotonic() + 60
-            while len(list(MEET.iterdir())) < 2 and time.monotonic() < deadline:
-                time.sleep(0.1)
-        return super().step()
-
-
-sys.exit(run.run_search(run.resolve(sys.argv[2:]), trainable_cls=MeetOnTwoNodes))
-"""
-
-
+# Each trial's first epoch waits (the driver's "meet" mode) until trials have started on two
+# nodes. Tiny trials end in about a second, and Tune hands the next trial to the actor that is
+# free rather than wait for one still starting (importing TensorFlow) on the other node: without
+# the wait a slow start there leaves every trial on one node.
 def test_search_on_a_multi_node_cluster(tiny_data_dir, tiny_space, tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -191,24 +166,19 @@ def test_search_on_a_multi_node_cluster(tiny_data_dir, tiny_space, tmp_path):
     cluster = Cluster(initialize_head=True, connect=False,
                       head_node_args={"num_cpus": 0, "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    driver, meet = tmp_path / "driver.py", tmp_path / "meet"
-    driver.write_text(MEET_DRIVER)
-    meet.mkdir()
     try:
         cluster.wait_for_nodes()
         argv = search_args(tiny_data_dir, tiny_space, tmp_path, "multi", "--num-samples", "4",
                            "--max-epochs", "2", "--scheduler", "fifo", "--address",
                            cluster.address)
-        out = subprocess.run([sys.executable, str(driver), str(meet), *argv], cwd=REPO,
-                             capture_output=True, text=True, timeout=400,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                  "PYTHONPATH": str(REPO)})
+        out = subprocess.run(driver_cmd(tmp_path, "meet", argv), cwd=REPO,
+                             capture_output=True, text=True, timeout=400, env=driver_env())
         assert out.returncode == 0, out.stderr[-3000:]
         epochs = ExperimentStore(str(tmp_path), "multi").read_epochs()
         worker_ids = {n.node_id for n in nodes}
         assert set(epochs["node"]) <= worker_ids  # never on the zero-CPU head
         assert epochs["node"].nunique() == 2  # trials ran on both worker nodes
-        assert {p.name for p in meet.iterdir()} == worker_ids
+        assert {p.name for p in (tmp_path / "driver-files").iterdir()} == worker_ids
         assert len(epochs) == 8
         assert cluster.address in out.stdout  # the plan names the cluster it ran on
     finally:

@@ -21,13 +21,7 @@ import pytest
 from results.store import ExperimentStore
 from search import run
 from search.trainable import FMNISTTrainable
-from tests.conftest import REPO, search_args
-
-
-def _env() -> dict[str, str]:
-    """The environment as it is now: once this process has run ray.init (the session fixture),
-    Ray has set RAY_AUTH_MODE=token here, and clusters started from here expect a token."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+from tests.conftest import REPO, driver_cmd, driver_env, search_args
 
 
 def _full_keys(trials, epochs_per_trial: int) -> list[tuple[str, int]]:
@@ -36,57 +30,6 @@ def _full_keys(trials, epochs_per_trial: int) -> list[tuple[str, int]]:
 
 def _keys(epochs) -> list[tuple[str, int]]:
     return sorted(zip(epochs["trial_id"], epochs["epoch"], strict=True))
-
-
-# Runs the search with a subclass of the real trainable, under the same class name (Tune's
-# --resume checks it). MODE "slow": every epoch lasts 1 s at least, so a search's work does not
-# shrink below the kill delays on a fast machine. "hold": the first trial to train goes on,
-# any later one reports epoch 1 and then waits to be killed. "go": neither.
-DRIVER = """\
-import json, os, sys, time
-from pathlib import Path
-from search import run
-from search.trainable import FMNISTTrainable
-
-FOLDER, MODE = Path(sys.argv[1]), sys.argv[2]
-
-
-def claim(path):
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL))
-        return True
-    except FileExistsError:
-        return False
-
-
-class FMNISTTrainable(FMNISTTrainable):
-    def step(self):
-        if MODE == "slow":
-            time.sleep(1.0)
-        elif self._training.epoch == 0:
-            self._hold = MODE == "hold" and not claim(FOLDER / "first")
-        elif getattr(self, "_hold", False):  # unset in a trial restored past epoch 0
-            tmp = FOLDER / "held.tmp"
-            tmp.write_text(json.dumps({"trial_id": self.trial_id, "config": self.config}))
-            tmp.rename(FOLDER / "held.json")
-            time.sleep(300)
-        return super().step()
-
-
-sys.exit(run.run_search(run.resolve(sys.argv[3:]), trainable_cls=FMNISTTrainable))
-"""
-
-
-def _driver(tmp_path: Path, mode: str, argv: list[str]) -> list[str]:
-    """The command that runs DRIVER in `mode` with search arguments `argv`."""
-    driver, folder = tmp_path / "driver.py", tmp_path / "driver-files"
-    driver.write_text(DRIVER)
-    folder.mkdir(exist_ok=True)
-    return [sys.executable, str(driver), str(folder), mode, *argv]
-
-
-def _driver_env() -> dict[str, str]:
-    return {**_env(), "PYTHONPATH": str(REPO)}
 
 
 def _resume_cmd(storage: Path, name: str) -> list[str]:
@@ -137,8 +80,9 @@ def test_worker_node_dies_trials_retry_from_checkpoint(tiny_data_dir, tiny_space
         argv = search_args(tiny_data_dir, tiny_space, tmp_path, "nodeloss", "--num-samples",
                            "2", "--max-epochs", str(epochs_per_trial), "--scheduler", "fifo",
                            "--max-failures", "3", "--address", cluster.address)
-        proc = subprocess.Popen([sys.executable, "search/run.py", *argv], cwd=REPO, env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen([sys.executable, "search/run.py", *argv], cwd=REPO,
+                                env=driver_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
         store = ExperimentStore(str(tmp_path), "nodeloss")
         victim, deadline = None, time.monotonic() + 240
         while victim is None and time.monotonic() < deadline:
@@ -190,15 +134,15 @@ def test_driver_killed_at_random_moments_then_resumed(tiny_data_dir, tiny_space,
     rng = random.Random(seed)
     samples, epochs_per_trial, kills_wanted = 3, 8, 3
     why = f"(kill-time seed {seed})"
-    start = _driver(tmp_path, "slow", search_args(
+    start = driver_cmd(tmp_path, "slow", search_args(
         tiny_data_dir, tiny_space, tmp_path, "killed", "--num-samples", str(samples),
         "--max-epochs", str(epochs_per_trial), "--scheduler", "fifo", "--max-concurrent", "2"))
-    resume = _driver(tmp_path, "slow", _resume_cmd(tmp_path, "killed")[2:])
+    resume = driver_cmd(tmp_path, "slow", _resume_cmd(tmp_path, "killed")[2:])
     store = ExperimentStore(str(tmp_path), "killed")
     epochs_dir = tmp_path / "killed" / "epochs"
     completed, seen, kills, planted, rc = [0], set(), 0, None, None
     for run_no in range(kills_wanted + 3):
-        proc = subprocess.Popen(start if run_no == 0 else resume, cwd=REPO, env=_driver_env(),
+        proc = subprocess.Popen(start if run_no == 0 else resume, cwd=REPO, env=driver_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # its own group: driver and its Ray
         if kills < kills_wanted:
@@ -253,7 +197,7 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
                           str(samples), "--max-epochs", str(max_epochs), "--scheduler",
                           "asha-promote", "--searcher", "tpe-rungs", "--seed", "2")]
     store = ExperimentStore(str(tmp_path), "waiting")
-    proc = subprocess.Popen(start, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(start, cwd=REPO, env=driver_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 180
     before = None
@@ -268,7 +212,7 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     seen = set(_keys(store.read_epochs()))
-    resumed = subprocess.run(_resume_cmd(tmp_path, "waiting"), cwd=REPO, env=_env(),
+    resumed = subprocess.run(_resume_cmd(tmp_path, "waiting"), cwd=REPO, env=driver_env(),
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials, epochs = store.read_trials(), store.read_epochs()
@@ -309,8 +253,8 @@ def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
     argv = search_args(tiny_data_dir, tiny_space, tmp_path, "forgot", "--num-samples", "2",
                        "--max-epochs", "2", "--scheduler", "fifo", "--max-concurrent", "1",
                        "--searcher", "tpe-rungs", "--seed", "3")
-    proc = subprocess.Popen(_driver(tmp_path, "hold", argv), cwd=REPO,
-                            env={**_driver_env(), "TUNE_GLOBAL_CHECKPOINT_S": "100000"},
+    proc = subprocess.Popen(driver_cmd(tmp_path, "hold", argv), cwd=REPO,
+                            env={**driver_env(), "TUNE_GLOBAL_CHECKPOINT_S": "100000"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     store = ExperimentStore(str(tmp_path), "forgot")
@@ -325,8 +269,8 @@ def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
         if proc.poll() is not None else "no trial held before the deadline"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    resumed = subprocess.run(_driver(tmp_path, "go", _resume_cmd(tmp_path, "forgot")[2:]),
-                             cwd=REPO, env=_driver_env(), capture_output=True, text=True,
+    resumed = subprocess.run(driver_cmd(tmp_path, "go", _resume_cmd(tmp_path, "forgot")[2:]),
+                             cwd=REPO, env=driver_env(), capture_output=True, text=True,
                              timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials, epochs = store.read_trials(), store.read_epochs()
