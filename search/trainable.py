@@ -76,11 +76,6 @@ def _configure_gpu(fraction: float) -> None:
         pass  # already initialized in this (reused) worker: keep what it has
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars (searchers' draws) as Python numbers for JSON; anything else as text."""
-    return value.item() if hasattr(value, "item") else str(value)
-
-
 class FMNISTTrainable(tune.Trainable):
     """`config` holds the sampled hyperparameters; `fixed` the space's fixed values."""
 
@@ -130,8 +125,10 @@ class FMNISTTrainable(tune.Trainable):
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         self._training.save(checkpoint_dir)
-        mine = {"trial_id": self.trial_id, "config": self.config}
-        (Path(checkpoint_dir) / TRIAL_FILE).write_text(json.dumps(mine, default=_plain))
+        # The sampled keys, with the values TrainConfig coerced (plain Python, as in state.json).
+        values = self.cfg.to_dict()
+        mine = {"trial_id": self.trial_id, "config": {k: values[k] for k in self.config}}
+        (Path(checkpoint_dir) / TRIAL_FILE).write_text(json.dumps(mine))
 
     def load_checkpoint(self, checkpoint: str | dict) -> None:
         self._training.restore(checkpoint)
