@@ -74,13 +74,15 @@ def test_worker_node_dies_trials_retry_from_checkpoint(tiny_data_dir, tiny_space
     cluster = Cluster(initialize_head=True, connect=False,
                       head_node_args={"num_cpus": 0, "include_dashboard": False})
     workers = {n.node_id: n for n in (cluster.add_node(num_cpus=1) for _ in range(2))}
-    epochs_per_trial, proc = 30, None
+    # Every epoch lasts 1 s (the driver's "slow" mode): tiny epochs can take 0.05 s, and a
+    # trial would pass from epoch 2 to its end between two 2-second flushes of Parquet.
+    epochs_per_trial, proc = 10, None
     try:
         cluster.wait_for_nodes()
         argv = search_args(tiny_data_dir, tiny_space, tmp_path, "nodeloss", "--num-samples",
                            "2", "--max-epochs", str(epochs_per_trial), "--scheduler", "fifo",
                            "--max-failures", "3", "--address", cluster.address)
-        proc = subprocess.Popen([sys.executable, "search/run.py", *argv], cwd=REPO,
+        proc = subprocess.Popen(driver_cmd(tmp_path, "slow", argv), cwd=REPO,
                                 env=driver_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         store = ExperimentStore(str(tmp_path), "nodeloss")
@@ -94,7 +96,7 @@ def test_worker_node_dies_trials_retry_from_checkpoint(tiny_data_dir, tiny_space
                 continue
             done = store.read_epochs().groupby(["node", "trial_id"])["epoch"].max()
             # A node whose trial has at least two checkpointed epochs and many still to go.
-            ready = done[(done >= 2) & (done <= epochs_per_trial - 10)]
+            ready = done[(done >= 2) & (done <= epochs_per_trial - 5)]
             if len(ready):
                 victim = ready.index[0]
         assert victim is not None, "no trial reached epoch 2 in time"
