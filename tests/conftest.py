@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,15 +137,44 @@ def tiny_space(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One real local Ray for the whole session (2 CPUs, loopback, no dashboard)."""
+def _ray_shutdown_at_end():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
-    yield ray
+    yield
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_session(_ray_shutdown_at_end):
+    """One real local Ray shared by the tests that use it (2 CPUs, loopback, no dashboard).
+
+    Started on first use and kept for the session; started again after `no_ray_running`.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    return ray
+
+
+@pytest.fixture
+def no_ray_running():
+    """No Ray on this machine during the test: the shared one is stopped first.
+
+    `--address auto` finds a cluster through the temp dir's address file and, failing that,
+    through any GCS process it sees in `ps` (Ray's legacy lookup), so an earlier test's Ray
+    would be found and joined. Fails if a Ray this session did not start is running.
+    """
+    import ray
+    from ray._private.services import find_gcs_addresses  # what "auto" itself looks at
+
+    ray.shutdown()
+    deadline = time.monotonic() + 30
+    while find_gcs_addresses() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not find_gcs_addresses(), "a Ray cluster is running on this machine; stop it first"
 
 
 def search_args(data_dir: Path, space: Path, storage: Path, name: str, *extra: str) -> list[str]:

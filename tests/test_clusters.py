@@ -207,8 +207,9 @@ def test_address_nobody_answers_on_is_refused_at_once(tiny_data_dir, tiny_space,
     assert not storage.exists()  # nothing written
 
 
-def test_address_auto_without_a_cluster_is_one_line(tiny_data_dir, tiny_space, tmp_path):
-    # Ray finds "auto" clusters through files under its temp dir; an empty one means none runs.
+def test_address_auto_without_a_cluster_is_one_line(no_ray_running, tiny_data_dir, tiny_space,
+                                                     tmp_path):
+    # An empty temp dir has no address file, and no_ray_running leaves no GCS process to find.
     storage = tmp_path / "runs"
     argv = search_args(tiny_data_dir, tiny_space, storage, "auto", "--address", "auto")
     env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "raytmp")}
