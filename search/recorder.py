@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ray.tune import Callback
@@ -22,6 +22,11 @@ TERMINAL = ("completed", "stopped", "error", "budget", "abandoned")
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _seconds(value: Any) -> float:
+    """A duration from an epoch row: 0 where it is missing (None or NaN from Parquet)."""
+    return float(value) if value is not None and value == value else 0.0
 
 
 def _error_text(trial: Any) -> str:
@@ -173,10 +178,14 @@ class ParquetRecorder(Callback):
         configs = {c.get("trial_id"): c.get("config") for c in self.store.ray_json(TRIAL_FILE)
                    if isinstance(c.get("config"), dict)}
         for trial_id in forgotten:
-            epochs = max(self._history[trial_id])
+            rows = self._history[trial_id].values()
+            # The run that saw it start died: its time is its epochs', first start to last end.
+            began = min(r["timestamp"] - timedelta(seconds=_seconds(r.get("epoch_time_s")))
+                        for r in rows)
             self._record(trial_id, configs.get(trial_id, {}), "abandoned",
-                         f"abandoned at epoch {epochs}: it started after Ray Tune last saved "
-                         "its state, and the search went on under --resume without it")
+                         f"abandoned at epoch {max(self._history[trial_id])}: it started after "
+                         "Ray Tune last saved its state, and the search went on under --resume "
+                         "without it", started=began, ended=max(r["timestamp"] for r in rows))
 
     def _finish(self, trial: Any, error: str | None, budget: bool = False) -> None:
         trial_id = trial.trial_id
@@ -198,15 +207,17 @@ class ParquetRecorder(Callback):
                      failures=int(getattr(trial, "num_failures", 0) or 0))
 
     def _record(self, trial_id: str, config: dict[str, Any], status: str, reason: str,
-                error: str | None = None, failures: int = 0) -> None:
-        """Write a trial's terminal row from its recorded epochs."""
+                error: str | None = None, failures: int = 0, started: datetime | None = None,
+                ended: datetime | None = None) -> None:
+        """Write a trial's terminal row from its recorded epochs (ends now unless `ended`)."""
         history = self._history.get(trial_id, {})
         epochs = max(history) if history else 0
         accs = {e: r["val_accuracy"] for e, r in history.items() if r["val_accuracy"] is not None}
         best_epoch = max(accs, key=lambda e: (accs[e], -e)) if accs else None
         last = history.get(epochs, {})
-        started = self._started.get(trial_id)
-        end = _now()
+        started = started or self._started.get(trial_id)
+        now = _now()
+        end = ended or now
         row = {
             "trial_id": trial_id,
             "family": {**self.fixed, **config}.get("model"),
@@ -227,7 +238,7 @@ class ParquetRecorder(Callback):
             "data_sha256": last.get("data_sha256"),
             "failures": failures,
             "error": error,
-            "written_at": end,
+            "written_at": now,
         }
         for key, value in {**self.fixed, **config}.items():
             row[PARAM_PREFIX + key] = value

@@ -124,11 +124,12 @@ class FMNISTTrainable(tune.Trainable):
         return metrics
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
-        self._training.save(checkpoint_dir)
         # The sampled keys, with the values TrainConfig coerced (plain Python, as in state.json).
+        # Written first and small, so a kill while the model is written still leaves it.
         values = self.cfg.to_dict()
         mine = {"trial_id": self.trial_id, "config": {k: values[k] for k in self.config}}
         (Path(checkpoint_dir) / TRIAL_FILE).write_text(json.dumps(mine))
+        self._training.save(checkpoint_dir)
 
     def load_checkpoint(self, checkpoint: str | dict) -> None:
         self._training.restore(checkpoint)

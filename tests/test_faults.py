@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from results.store import ExperimentStore
@@ -281,8 +282,13 @@ def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
     lost = trials.set_index("trial_id").loc[held["trial_id"]]
     assert lost["status"] == "abandoned" and lost["epochs"] == 1, lost.to_dict()
     assert "--resume" in lost["stop_reason"]
-    assert lost["best_val_accuracy"] == epochs[epochs["trial_id"] == held["trial_id"]][
-        "val_accuracy"].iloc[0]
+    mine = epochs[epochs["trial_id"] == held["trial_id"]].iloc[0]
+    assert lost["best_val_accuracy"] == mine["val_accuracy"]
+    # Its time is its epoch's: the run that saw it start was killed.
+    assert lost["end_time"] == mine["timestamp"] < lost["written_at"]
+    assert lost["wall_time_s"] == pytest.approx(mine["epoch_time_s"], abs=1e-3)
+    began = mine["timestamp"] - pd.Timedelta(seconds=mine["epoch_time_s"])
+    assert abs((lost["start_time"] - began).total_seconds()) < 1e-3
     for key, value in held["config"].items():
         assert lost[f"params_{key}"] == value, key
     others = trials[trials["trial_id"] != held["trial_id"]]
