@@ -14,7 +14,7 @@ import pandas as pd
 
 from results.store import PARAM_PREFIX, open_experiment
 
-FINISHED = ("completed", "stopped", "budget", "abandoned")
+FINISHED = ("completed", "stopped", "budget", "interrupted", "abandoned")
 BY = {"space": "space_name", "searcher": "searcher", "scheduler": "scheduler"}
 
 

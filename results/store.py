@@ -54,7 +54,7 @@ EPOCH_SCHEMA = pa.schema([
 TRIAL_COLUMNS = [
     ("trial_id", pa.string()),
     ("family", pa.string()),
-    ("status", pa.string()),  # completed, stopped, error, budget
+    ("status", pa.string()),  # completed, stopped, error, budget, interrupted, abandoned
     ("stop_reason", pa.string()),
     ("epochs", pa.int64()),
     ("best_val_accuracy", pa.float64()),

@@ -7,7 +7,9 @@ re-runs those epochs from the trials' checkpoints). Also prints a compact progre
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,7 +19,9 @@ from ray.tune import Callback
 from results.store import PARAM_PREFIX, ExperimentStore
 from search.trainable import TRIAL_FILE
 
-TERMINAL = ("completed", "stopped", "error", "budget", "abandoned")
+TERMINAL = ("completed", "stopped", "error", "budget", "interrupted", "abandoned")
+# The signals on which Ray Tune saves its state and ends the search (Ctrl+C, and SIGUSR1).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n))
 
 
 def _now() -> datetime:
@@ -71,6 +75,7 @@ class ParquetRecorder(Callback):
         self._last_progress = time.monotonic()
         self._t0 = time.monotonic()
         self.failed: list[str] = []
+        self.interrupted = False
 
     # Tune pickles the callback into its experiment state; the file handle stays behind.
     def __getstate__(self) -> dict[str, Any]:
@@ -81,12 +86,34 @@ class ParquetRecorder(Callback):
     def setup(self, **info: Any) -> None:
         """Start (or resume): seed per-trial histories from what is already on disk."""
         self._reset()
+        self._watch_stop_signals()
         self.store.sweep_tmp()
         for row in self.store.read_epochs().to_dict("records"):
             self._history.setdefault(row["trial_id"], {})[int(row["epoch"])] = row
         self._backfill()
         trials = self.store.read_trials()
-        self._terminal = dict(zip(trials["trial_id"], trials["status"], strict=True))
+        # An interrupted trial goes on under --resume and gets a new row when it ends again.
+        self._terminal = {t: s for t, s in zip(trials["trial_id"], trials["status"], strict=True)
+                          if s != "interrupted"}
+
+    def _watch_stop_signals(self) -> None:
+        """Note a stop signal, then hand it to the handler Tune installed for it.
+
+        Tune ends the search the same way for a signal and for the time budget; the note is
+        what tells the trials' rows which it was. Handlers can only be set from the main thread.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in STOP_SIGNALS:
+            tunes = signal.getsignal(sig)
+            if not callable(tunes):
+                continue
+
+            def note(signum: int, frame: Any, tunes=tunes) -> None:
+                self.interrupted = True
+                tunes(signum, frame)
+
+            signal.signal(sig, note)
 
     def _backfill(self) -> None:
         """Recover epochs Tune logged (result.json) that a crash kept from reaching Parquet.
@@ -153,10 +180,11 @@ class ParquetRecorder(Callback):
             self.print_progress(trials)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        # Trials the time budget cut off (or never started) get a terminal row too.
+        # Trials that a stop signal or the time budget cut off (or kept from starting) get a
+        # terminal row too.
         for trial in trials:
             if trial.trial_id not in self._terminal:
-                self._finish(trial, error=None, budget=True)
+                self._finish(trial, error=None, cut="interrupted" if self.interrupted else "budget")
         self._abandon_forgotten({trial.trial_id for trial in trials})
         self.flush()
         self.print_progress(trials)
@@ -187,7 +215,7 @@ class ParquetRecorder(Callback):
                          "Ray Tune last saved its state, and the search went on under --resume "
                          "without it", started=began, ended=max(r["timestamp"] for r in rows))
 
-    def _finish(self, trial: Any, error: str | None, budget: bool = False) -> None:
+    def _finish(self, trial: Any, error: str | None, cut: str | None = None) -> None:
         trial_id = trial.trial_id
         history = self._history.get(trial_id, {})
         epochs = max(history) if history else 0
@@ -197,9 +225,14 @@ class ParquetRecorder(Callback):
             self.failed.append(trial_id)
         elif epochs >= max_epochs > 0:
             status, reason = "completed", "completed"
-        elif budget and not history and trial_id not in self._started:
+        elif cut == "interrupted":
+            status = "interrupted"
+            reason = (f"search interrupted at epoch {epochs}" if history
+                      else "search interrupted before the trial started") + \
+                "; --resume continues it"
+        elif cut and not history and trial_id not in self._started:
             status, reason = "budget", "time budget ended the search before the trial started"
-        elif budget:
+        elif cut:
             status, reason = "budget", f"time budget ended the search at epoch {epochs}"
         else:
             status, reason = "stopped", f"stopped by {self.scheduler} at epoch {epochs}"
@@ -275,6 +308,8 @@ class ParquetRecorder(Callback):
         parts += [f"{counts['stopped']} stopped early", f"{counts['completed']} done"]
         if counts["budget"]:
             parts.append(f"{counts['budget']} cut by budget")
+        if counts["interrupted"]:
+            parts.append(f"{counts['interrupted']} interrupted")
         if counts["error"]:
             parts.append(f"{counts['error']} failed")
         line = f"[{elapsed:6.0f}s] " + " | ".join(parts)

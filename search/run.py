@@ -582,7 +582,7 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10) -> in
                and trials[c].nunique(dropna=True) > 1]
     print(f"\nTop {len(ranked)} of {len(trials)} trials by best {METRIC} "
           f"(wall {wall_s:.0f} s, {len(epochs)} trial-epochs):", file=out)
-    header = f"{'#':>2}  {'trial':<18} {'val_acc':>7} {'epoch':>5} {'ran':>3} {'status':<9} " \
+    header = f"{'#':>2}  {'trial':<18} {'val_acc':>7} {'epoch':>5} {'ran':>3} {'status':<11} " \
              f"{'time_s':>6}  params"
     print(header, file=out)
     for rank, row in enumerate(ranked.itertuples(index=False), 1):
@@ -593,14 +593,20 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10) -> in
         best_epoch = "-" if r["best_epoch"] is None or r["best_epoch"] != r["best_epoch"] \
             else int(r["best_epoch"])
         print(f"{rank:>2}  {r['trial_id']:<18} {acc:>7} {best_epoch:>5} {r['epochs']:>3} "
-              f"{r['status']:<9} {r['train_time_s']:>6.0f}  {params}", file=out)
+              f"{r['status']:<11} {r['train_time_s']:>6.0f}  {params}", file=out)
     counts = trials["status"].value_counts().to_dict()
     print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=out)
     print(f"results: {store.uri()}", file=out, flush=True)
     failed = trials[trials["status"] == "error"]
     for row in failed.itertuples(index=False):
         print(f"failed: {row.trial_id}: {row.stop_reason}", file=sys.stderr)
-    return 1 if len(failed) else 0
+    if len(failed):
+        return 1
+    if (trials["status"] == "interrupted").any():
+        print(f"interrupted; continue with: python search/run.py --resume --name {store.name} "
+              f"--storage {shlex.quote(store.root_uri)}", file=sys.stderr)
+        return 130  # as a shell reports a command ended by Ctrl+C
+    return 0
 
 
 def _short(value: Any) -> str:

@@ -294,3 +294,36 @@ def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
     others = trials[trials["trial_id"] != held["trial_id"]]
     assert set(others["status"]) == {"completed"} and set(others["epochs"]) == {2}
     assert len(epochs) == 5 and not list((tmp_path / "forgot").rglob("*.tmp"))
+
+
+def test_ctrl_c_records_trials_as_interrupted_then_resume_finishes_them(tiny_data_dir,
+                                                                        tiny_space, tmp_path):
+    # Ctrl+C reaches the whole foreground process group. Tune saves its state and ends the
+    # search as it does when the time budget runs out; the rows must say which it was.
+    argv = search_args(tiny_data_dir, tiny_space, tmp_path, "ctrl-c", "--num-samples", "3",
+                       "--max-epochs", "3", "--scheduler", "fifo", "--seed", "2")
+    proc = subprocess.Popen(driver_cmd(tmp_path, "slow", argv), cwd=REPO, env=driver_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    store = ExperimentStore(str(tmp_path), "ctrl-c")
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and store.read_epochs().empty:
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"--resume --name ctrl-c --storage {tmp_path}" in err
+    trials, epochs = store.read_trials(), store.read_epochs()
+    cut = trials[trials["status"] != "completed"]  # a trial may have finished before the signal
+    assert len(cut) and set(cut["status"]) == {"interrupted"}, trials[["trial_id", "status"]]
+    assert cut["stop_reason"].str.endswith("; --resume continues it").all()
+    assert (cut["epochs"] < 3).all() and "interrupted" in out  # the report's status line
+    assert set(epochs["trial_id"]) <= set(trials["trial_id"])
+    resumed = subprocess.run(_resume_cmd(tmp_path, "ctrl-c"), cwd=REPO, env=driver_env(),
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials, epochs = store.read_trials(), store.read_epochs()
+    assert len(trials) == 3 and set(trials["status"]) == {"completed"}, trials["status"]
+    for trial_id, mine in epochs.groupby("trial_id"):
+        assert sorted(mine["epoch"]) == [1, 2, 3], trial_id
