@@ -507,6 +507,24 @@ def pending_limit(args: argparse.Namespace, resources: dict[str, Any]) -> int | 
     return concurrent_slots(args, resources.get("CPU", 1), resources.get("GPU", 0))
 
 
+def unfit_trial(args: argparse.Namespace, resources: dict[str, Any]) -> str | None:
+    """Why no trial could ever start on a Ray that cannot grow, or None.
+
+    Tune would keep such a trial pending until the time budget ends the search. Only the Ray
+    this process uses without --address is known not to grow: a cluster may autoscale.
+    """
+    if args.address:
+        return None
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if args.cpus_per_trial > cpus:
+        return (f"--cpus-per-trial {args.cpus_per_trial:g}: Ray has {cpus:g} CPUs here, so no "
+                "trial could start")
+    if args.gpus_per_trial > gpus:
+        return (f"--gpus-per-trial {args.gpus_per_trial:g}: Ray found {gpus:g} GPUs here, so no "
+                "trial could start")
+    return None
+
+
 def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     """Run the planned search; `trainable_cls` swaps in a subclass (fault-injection tests)."""
     import ray
@@ -524,6 +542,9 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
         resources = {k: v for k, v in ray.cluster_resources().items()
                      if k in ("CPU", "GPU", "memory") or k.startswith("accelerator")}
         resources["nodes"] = len([n for n in ray.nodes() if n.get("Alive")])
+        problem = unfit_trial(a, resources)
+        if problem:
+            raise UsageError(problem)  # before anything is written
         trainable = tune.with_resources(
             tune.with_parameters(trainable_cls or FMNISTTrainable, data=plan.splits.arrays(),
                                  fixed=plan.space.fixed, cpus=a.cpus_per_trial,

@@ -344,6 +344,37 @@ def test_pending_limit_is_the_number_of_trials_that_fit(tiny_data_dir, tiny_spac
     assert run.pending_limit(args, resources) is None
 
 
+@pytest.mark.parametrize("flags, resources, problem", [
+    ([], {"CPU": 2.0}, None),
+    (["--cpus-per-trial", "2"], {"CPU": 2.0}, None),
+    (["--cpus-per-trial", "3"], {"CPU": 2.0}, "--cpus-per-trial 3: Ray has 2 CPUs here"),
+    (["--gpus-per-trial", "1"], {"CPU": 2.0}, "--gpus-per-trial 1: Ray found 0 GPUs here"),
+    (["--gpus-per-trial", "0.5"], {"CPU": 2.0, "GPU": 1.0}, None),
+    (["--gpus-per-trial", "2"], {"CPU": 8.0, "GPU": 1.0}, "Ray found 1 GPUs"),
+    (["--address", "127.0.0.1:6379", "--gpus-per-trial", "1"], {"CPU": 2.0}, None),  # may grow
+])
+def test_a_trial_larger_than_the_embedded_ray_is_refused(tiny_data_dir, tiny_space, tmp_path,
+                                                          flags, resources, problem):
+    args = run.build_parser().parse_args(
+        search_args(tiny_data_dir, tiny_space, tmp_path, "x", *flags))
+    found = run.unfit_trial(args, resources)
+    assert found == problem if problem is None else problem in found
+
+
+def test_more_cpus_per_trial_than_ray_has_is_one_line_before_anything_is_written(
+        tiny_data_dir, tiny_space, tmp_path):
+    # Tune would keep the trial pending until the time budget ran out.
+    storage = tmp_path / "runs"
+    argv = search_args(tiny_data_dir, tiny_space, storage, "big", "--cpus-per-trial", "1000")
+    out = subprocess.run([sys.executable, "search/run.py", *argv], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --cpus-per-trial 1000: Ray has ") \
+        and errors[0].endswith(" CPUs here, so no trial could start"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not storage.exists()
+
+
 class _Arrival:
     """What on_trial_result reads of a trial: its id (no Ray state involved)."""
 
