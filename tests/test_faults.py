@@ -296,10 +296,12 @@ def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
     assert len(epochs) == 5 and not list((tmp_path / "forgot").rglob("*.tmp"))
 
 
-def test_ctrl_c_records_trials_as_interrupted_then_resume_finishes_them(tiny_data_dir,
-                                                                        tiny_space, tmp_path):
-    # Ctrl+C reaches the whole foreground process group. Tune saves its state and ends the
-    # search as it does when the time budget runs out; the rows must say which it was.
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_records_trials_as_interrupted_then_resume_finishes_them(
+        tiny_data_dir, tiny_space, tmp_path, how):
+    # Ctrl+C sends SIGINT to the whole foreground process group; `kill`, `docker stop` or
+    # Kubernetes send SIGTERM to the driver. Tune saves its state and ends the search as it does
+    # when the time budget runs out; the rows must say which it was.
     argv = search_args(tiny_data_dir, tiny_space, tmp_path, "ctrl-c", "--num-samples", "3",
                        "--max-epochs", "3", "--scheduler", "fifo", "--seed", "2")
     proc = subprocess.Popen(driver_cmd(tmp_path, "slow", argv), cwd=REPO, env=driver_env(),
@@ -310,7 +312,10 @@ def test_ctrl_c_records_trials_as_interrupted_then_resume_finishes_them(tiny_dat
     while proc.poll() is None and time.monotonic() < deadline and store.read_epochs().empty:
         time.sleep(0.3)
     assert proc.poll() is None, proc.stderr.read()[-3000:]
-    os.killpg(proc.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert f"--resume --name ctrl-c --storage {tmp_path}" in err
