@@ -624,8 +624,9 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10) -> in
     if len(failed):
         return 1
     if (trials["status"] == "interrupted").any():
-        print(f"interrupted; continue with: python search/run.py --resume --name {store.name} "
-              f"--storage {shlex.quote(store.root_uri)}", file=sys.stderr)
+        again = ["python", "search/run.py", "--resume", "--name", store.name, "--storage",
+                 store.root_uri]
+        print(f"interrupted; continue with: {shlex.join(again)}", file=sys.stderr)
         return 130  # as a shell reports a command ended by Ctrl+C
     return 0
 
