@@ -226,6 +226,12 @@ def resolve(argv: list[str]) -> Plan:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    if not args.address and args.cpus_per_trial > (os.cpu_count() or 1):
+        # Ray never counts more CPUs than the OS shows (fewer under a cgroup quota, which
+        # run_search checks once Ray has counted), so this holds before Ray starts.
+        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: this machine has "
+                         f"{os.cpu_count() or 1} CPUs, so no trial could start on the embedded "
+                         "Ray; use --address for a cluster")
     overrides = dict(parse_override(s) for s in args.set)
     space = load_space(args.space, overrides)
     if args.max_epochs is None:

@@ -364,18 +364,20 @@ def test_a_trial_larger_than_the_embedded_ray_is_refused(tiny_data_dir, tiny_spa
     assert found == problem if problem is None else problem in found
 
 
-def test_more_cpus_per_trial_than_ray_has_is_one_line_before_anything_is_written(
-        tiny_data_dir, tiny_space, tmp_path):
-    # Tune would keep the trial pending until the time budget ran out.
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_more_cpus_per_trial_than_the_machine_has_is_one_line_before_ray_starts(
+        tiny_data_dir, tiny_space, tmp_path, dry_run):
+    # Tune would keep the trial pending until the time budget ran out; --dry-run said it fits.
     storage = tmp_path / "runs"
     argv = search_args(tiny_data_dir, tiny_space, storage, "big", "--cpus-per-trial", "1000")
-    out = subprocess.run([sys.executable, "search/run.py", *argv], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = _run_cli(*argv, *(["--dry-run"] if dry_run else []))
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: --cpus-per-trial 1000: Ray has ") \
-        and errors[0].endswith(" CPUs here, so no trial could start"), out.stderr[-2000:]
+    assert errors == [f"error: --cpus-per-trial 1000: this machine has {os.cpu_count()} CPUs, "
+                      "so no trial could start on the embedded Ray; use --address for a "
+                      "cluster"], out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not storage.exists()
+    assert "NO_RAY" in out.stdout
 
 
 class _Arrival:
