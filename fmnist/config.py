@@ -78,6 +78,7 @@ class TrainConfig:
             (self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (self.epochs >= 1, "epochs must be >= 1"),
+            (0 <= self.seed < 2**32, "seed must be between 0 and 4294967295"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
             (self.learning_rate > 0, "learning_rate must be > 0"),

@@ -349,7 +349,8 @@ def load_splits(
         train_idx = np.setdiff1d(np.arange(len(y)), val_idx)
     else:
         if train_size < 1 or train_size > rest:
-            raise DataError(f"train_size must be between 1 and {rest}, got {train_size}")
+            raise DataError(f"train_size must be between 1 and {rest} (the {len(y)} training "
+                            f"images less val_size {val_size}), got {train_size}")
         train_idx = stratified_indices(y, train_size, seed + 1, exclude=val_idx)
     return Splits(
         x_train=x[train_idx],

@@ -90,6 +90,28 @@ def open_root(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+PROBE_S = 10.0  # how long a first look at a gs:// root retries before it gives up
+
+
+def probe_uri(uri: str, seconds: float | None = None) -> None:
+    """Look a storage URI up once; StoreError with the first line of the reason if it fails.
+
+    Google Cloud Storage retries for many minutes by default, so a machine without access
+    (no network, no credentials) would hang; here its retries are cut to `seconds`. Other
+    filesystems fail on their own within seconds.
+    """
+    seconds = PROBE_S if seconds is None else seconds
+    fs, path = open_root(uri)
+    if isinstance(fs, pafs.GcsFileSystem):
+        sep = "&" if "?" in uri else "?"
+        fs, path = pafs.FileSystem.from_uri(f"{uri}{sep}retry_limit_seconds={seconds:g}")
+    try:
+        fs.get_file_info(path)
+    except OSError as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
+        raise StoreError(f"cannot reach {uri} ({first.strip()[:300]})") from None
+
+
 def _join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts if p)
 
@@ -281,6 +303,7 @@ def open_experiment(path: str) -> ExperimentStore:
         if "/" not in rest:
             raise StoreError(f"{path}: expected <root>/<experiment>")
         root, name = rest.rsplit("/", 1)
+        probe_uri(path)
         return ExperimentStore(f"{scheme}://{root}", name)
     p = Path(path).expanduser().resolve()
     return ExperimentStore(str(p.parent), p.name)

@@ -18,11 +18,14 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tune warns on every forced snapshot; with per-epoch checkpoints those are what make resume exact.
@@ -32,7 +35,7 @@ if str(ROOT) not in sys.path:  # `python search/run.py` from a checkout that is 
 
 from fmnist.config import METRIC, MODE  # noqa: E402
 from fmnist.data import DataError, Splits, load_splits, resolve_data_dir  # noqa: E402
-from results.store import ExperimentStore, StoreError  # noqa: E402
+from results.store import ExperimentStore, StoreError, open_root, probe_uri  # noqa: E402
 from search.spaces import (  # noqa: E402
     Space,
     SpaceError,
@@ -168,6 +171,32 @@ def check_storage(value: str) -> None:
                          "give the folder it means directly")
 
 
+def check_storage_reachable(value: str) -> None:
+    """Refuse a --storage root that cannot be reached or, for a folder, created or written.
+
+    A local folder is probed by creating and removing an empty folder in it (or in its nearest
+    existing parent), so nothing is left behind; a bucket is looked up once
+    (`results.store.probe_uri`).
+    """
+    fs, path = open_root(value)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        try:
+            probe_uri(value)
+        except StoreError as exc:
+            raise UsageError(f"--storage {exc}") from None
+        return
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--storage {value}: {probe} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fmnist-probe-", dir=probe))
+    except OSError as exc:
+        raise UsageError(f"--storage {value}: cannot create folders in {probe} "
+                         f"({exc.strerror or exc})") from None
+
+
 def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
     """What --resume restores: every resolved flag except those in NOT_SETTINGS."""
     return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
@@ -179,6 +208,7 @@ def resolve(argv: list[str]) -> Plan:
     if args.address is not None and not ADDRESS_RE.match(args.address):
         raise UsageError(f"--address {args.address!r}: use auto, HOST:PORT or ray://HOST:PORT")
     check_storage(args.storage)
+    check_storage_reachable(args.storage)
     if args.name is not None and not NAME_RE.match(args.name):
         raise UsageError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only "
                          "(no path separators)")
@@ -222,6 +252,7 @@ def resolve(argv: list[str]) -> Plan:
         (args.train_size is None or args.train_size >= 1,
          f"--train-size must be >= 1, got {args.train_size}"),
         (args.val_size >= 1, f"--val-size must be >= 1, got {args.val_size}"),
+        (0 <= args.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, got {args.seed}"),
     ]
     for ok, message in checks:
         if not ok:

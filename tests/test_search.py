@@ -158,6 +158,11 @@ def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
         (["--storage", "s3://bucket/../outside"], "escapes its folder through '..'"),
         (["--storage", "http://example.com/runs"], "unsupported scheme 'http'"),
         (["--storage", " "], "--storage is empty"),
+        (["--storage", "{a_file}/runs"], "a_file is a file, not a folder"),
+        (["--storage", "/proc/fmnist-runs"], "cannot create folders in /"),
+        (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1"),
+        (["--set", "seed=-1"], "seed must be between 0 and 4294967295"),
+        (["--val-size", "599"], "(the 600 training images less val_size 599)"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
         (["--scheduler", "asha-promote", "--max-concurrent", "2"],
          "--max-concurrent cannot be used with --scheduler asha-promote"),
@@ -174,6 +179,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data_dir, argv, match):
         (tmp_path / f"{key}.yaml").write_text(text)
     subst = {f"{{{k}}}": str(tmp_path / f"{k}.yaml") for k in files}
     subst["{missing}"] = str(tmp_path / "no-such-dir")
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = [a.replace("{a_file}", str(tmp_path / "a_file")) for a in argv]
     argv = [a.replace("{runs}", str(tmp_path / "runs")) for a in argv]
     argv = [subst.get(a, a) for a in argv]
     base = ["--storage", str(tmp_path / "runs"), "--space", "mlp", "--data-dir",
@@ -460,3 +467,30 @@ def test_asha_promote_pauses_at_rungs_and_resumes_the_best(ray_session, tiny_dat
         seen = json.loads(state_file.read_text())["seen"]
         for epoch, results in seen.items():
             assert set(results) == set(epochs[epochs["epoch"] == int(epoch)]["trial_id"])
+
+
+# Nothing listens on port 9 and there are no credentials for it: Google Cloud Storage would
+# retry such a root for many minutes before this change; the probe gives up after PROBE_S.
+DEAD_BUCKET = "gs://fmnist-test/runs?endpoint_override=127.0.0.1:9&scheme=http"
+
+
+@pytest.mark.parametrize("tool", ["search", "results"])
+def test_an_unreachable_bucket_is_one_line_not_a_hang(tiny_data_dir, tiny_space, tool):
+    if tool == "search":
+        argv = ["search/run.py", *search_args(tiny_data_dir, tiny_space, "unused", "x"),
+                "--storage", DEAD_BUCKET]
+        call = "from search import run; rc = run.main()"
+    else:
+        argv = ["results", "leaderboard", DEAD_BUCKET.replace("runs?", "runs/x?")]
+        call = "from results.__main__ import main; rc = main()"
+    code = ("import sys; sys.argv = sys.argv[1:]\n"
+            "import results.store; results.store.PROBE_S = 1\n"
+            f"{call}\n"
+            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\n"
+            "sys.exit(rc)\n")
+    out = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True,
+                         text=True, timeout=90)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach gs://fmnist-test/runs" in lines[0], lines
+    assert "NO_RAY" in out.stdout
