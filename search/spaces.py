@@ -124,10 +124,14 @@ def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sp
     """Load, check and return a space; `overrides` pin keys (`--set key=value`)."""
     path = space_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         detail = str(exc).splitlines()[0]
         raise SpaceError(f"{path}: not valid YAML ({detail})") from None
+    except UnicodeDecodeError as exc:
+        raise SpaceError(f"{path}: not a text file (not UTF-8 at byte {exc.start})") from None
+    except OSError as exc:
+        raise SpaceError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(raw, dict) or not raw:
         raise SpaceError(f"{path}: expected a mapping of TrainConfig keys to values")
     raw.update(overrides or {})

@@ -57,11 +57,12 @@ def test_seed_vgg_is_notebook_000():
         ("units: 8\n", r"model: must be a fixed value"),
         ("model: mlp\nunits: !!python/object/apply:os.system ['true']\n", r"not valid YAML"),
         ("- 1\n- 2\n", r"expected a mapping"),
+        (b"model: mlp\n\xff\xfe\n", r"not a text file \(not UTF-8 at byte 11\)"),
     ],
 )
 def test_bad_space_files_name_file_key_and_problem(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(SpaceError, match=match) as info:
         load_space(str(path))
     assert str(path) in str(info.value)
