@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fmnist.data import DataError
 from results import leaderboard as lb
-from results.store import StoreError
+from results.store import StoreError, folder_problem
 
 
 class UsageError(ValueError):
@@ -56,6 +56,14 @@ def main(argv: list[str] | None = None, out=None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "top", 1) < 1 or getattr(args, "seeds", 1) < 1:
             raise UsageError("--top and --seeds must be >= 1")
+        out_path = getattr(args, "out", None)
+        if out_path:  # checked before any experiment is read
+            where = Path(out_path) if args.command == "plots" else Path(out_path).parent
+            problem = (folder_problem(where) or
+                       (f"{out_path} is a folder" if args.command == "leaderboard"
+                        and Path(out_path).is_dir() else None))
+            if problem:
+                raise UsageError(f"--out {out_path}: {problem}")
         if args.command == "final":
             from results.final import FinalError, run_final
 
@@ -74,6 +82,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
             text = lb.format_table(table, args.format)
             print(text, end="", file=out)
             if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(text)
             return 0
         from results import plots

@@ -31,8 +31,12 @@ class Experiments:
 def load(paths: list[str]) -> Experiments:
     """Read experiment folders or URIs; raises StoreError for one that is not an experiment."""
     exps, trials, epochs, corrupt = [], [], [], []
+    seen: set[str] = set()
     for path in paths:
         store = open_experiment(path)
+        if store.uri() in seen:  # the same experiment named twice (a shell glob, a slip)
+            continue
+        seen.add(store.uri())
         row = store.read_experiment()
         name = row["name"]
         if any(e["name"] == name for e in exps):

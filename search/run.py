@@ -18,7 +18,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +34,13 @@ if str(ROOT) not in sys.path:  # `python search/run.py` from a checkout that is 
 
 from fmnist.config import METRIC, MODE  # noqa: E402
 from fmnist.data import DataError, Splits, load_splits, resolve_data_dir  # noqa: E402
-from results.store import ExperimentStore, StoreError, open_root, probe_uri  # noqa: E402
+from results.store import (  # noqa: E402
+    ExperimentStore,
+    StoreError,
+    folder_problem,
+    open_root,
+    probe_uri,
+)
 from search.spaces import (  # noqa: E402
     Space,
     SpaceError,
@@ -174,9 +179,8 @@ def check_storage(value: str) -> None:
 def check_storage_reachable(value: str) -> None:
     """Refuse a --storage root that cannot be reached or, for a folder, created or written.
 
-    A local folder is probed by creating and removing an empty folder in it (or in its nearest
-    existing parent), so nothing is left behind; a bucket is looked up once
-    (`results.store.probe_uri`).
+    A local folder is probed (`results.store.folder_problem`), a bucket looked up once
+    (`results.store.probe_uri`); neither leaves anything behind.
     """
     fs, path = open_root(value)
     if not isinstance(fs, pafs.LocalFileSystem):
@@ -185,16 +189,9 @@ def check_storage_reachable(value: str) -> None:
         except StoreError as exc:
             raise UsageError(f"--storage {exc}") from None
         return
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"--storage {value}: {probe} is a file, not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".fmnist-probe-", dir=probe))
-    except OSError as exc:
-        raise UsageError(f"--storage {value}: cannot create folders in {probe} "
-                         f"({exc.strerror or exc})") from None
+    problem = folder_problem(path)
+    if problem:
+        raise UsageError(f"--storage {value}: {problem}")
 
 
 def _settings_from(args: argparse.Namespace) -> dict[str, Any]:

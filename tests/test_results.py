@@ -169,6 +169,32 @@ def test_cli_leaderboard_formats(two, tmp_path):
     assert set(frame["searcher"]) == {"random", "optuna"}
 
 
+def test_cli_out_that_cannot_be_written_is_one_line_before_reading(two, tmp_path):
+    root, _, _ = two
+    (tmp_path / "a_file").write_text("x")
+    cases = [(["plots", "--out", str(tmp_path / "a_file" / "plots")], "a_file is a file"),
+             (["leaderboard", "--out", str(tmp_path / "a_file" / "b.csv")], "a_file is a file"),
+             (["leaderboard", "--out", str(tmp_path)], "is a folder")]
+    for argv, match in cases:
+        out = subprocess.run([sys.executable, "-m", "results", argv[0], str(root / "exp-a"),
+                              *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=120)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+        assert lines[0].startswith(f"error: --out {argv[-1]}: ") and match in lines[0], lines
+    # A folder that does not exist yet is made, as for plots.
+    assert results_main(["leaderboard", str(root / "exp-a"), "--out",
+                         str(tmp_path / "new" / "b.csv")], out=io.StringIO()) == 0
+    assert (tmp_path / "new" / "b.csv").read_text().strip()
+
+
+def test_the_same_experiment_named_twice_is_read_once(two):
+    root, _, _ = two
+    once = lb.load([str(root / "exp-a")])
+    twice = lb.load([str(root / "exp-a"), str(root / "exp-a") + "/", str(root / "exp-a")])
+    assert len(twice.experiments) == 1 and len(twice.trials) == len(once.trials)
+    assert len(twice.epochs) == len(once.epochs)
+
+
 def test_cli_on_a_folder_that_is_not_an_experiment(tmp_path):
     for argv in (["leaderboard", str(tmp_path)], ["final", str(tmp_path)]):
         out = subprocess.run([sys.executable, "-m", "results", *argv], cwd=REPO,
