@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +148,24 @@ def candidate_dirs(data_dir: str | os.PathLike | None, dataset: str) -> list[Pat
     out.append(SYSTEM_DIRS[dataset])
     out.append(KERAS_CACHE_DIRS[dataset].expanduser())
     return out
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why a local folder cannot be created or written, or None.
+
+    Probes by creating and removing an empty folder in it, or in its nearest existing
+    parent, so nothing is left behind.
+    """
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fmnist-probe-", dir=probe))
+    except OSError as exc:
+        return f"cannot create folders in {probe} ({exc.strerror or exc})"
+    return None
 
 
 def resolve_data_dir(

@@ -286,7 +286,7 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fmnist.data import DataError, load_splits
+    from fmnist.data import DataError, folder_problem, load_splits
 
     parser = argparse.ArgumentParser(
         prog="python -m fmnist.train", description="Train one config on Fashion-MNIST."
@@ -303,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
               if getattr(args, f.name) is not None}
     try:
+        if args.save and folder_problem(args.save):  # before the training it would lose
+            raise DataError(f"--save {args.save}: {folder_problem(args.save)}")
+        if args.resume and not (Path(args.resume) / "state.json").is_file():
+            raise DataError(f"--resume {args.resume}: not a checkpoint folder (no state.json; "
+                            "--save writes one)")
         cfg = TrainConfig.from_dict(values)
         data = load_splits(args.data_dir, args.dataset, val_size=args.val_size,
                            train_size=args.train_size, seed=args.split_seed)

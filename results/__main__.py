@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from fmnist.data import DataError
+from fmnist.data import DataError, folder_problem
 from results import leaderboard as lb
-from results.store import StoreError, folder_problem
+from results.store import StoreError
 
 
 class UsageError(ValueError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -111,24 +110,6 @@ def probe_uri(uri: str, seconds: float | None = None) -> None:
     except OSError as exc:
         first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
         raise StoreError(f"cannot reach {uri} ({first.strip()[:300]})") from None
-
-
-def folder_problem(path: str | os.PathLike) -> str | None:
-    """Why a local folder cannot be created or written, or None.
-
-    Probes by creating and removing an empty folder in it, or in its nearest existing
-    parent, so nothing is left behind.
-    """
-    probe = Path(path).expanduser().absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is a file, not a folder"
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".fmnist-probe-", dir=probe))
-    except OSError as exc:
-        return f"cannot create folders in {probe} ({exc.strerror or exc})"
-    return None
 
 
 def _join(*parts: str) -> str:

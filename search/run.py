@@ -33,14 +33,14 @@ if str(ROOT) not in sys.path:  # `python search/run.py` from a checkout that is 
     sys.path.insert(0, str(ROOT))
 
 from fmnist.config import METRIC, MODE  # noqa: E402
-from fmnist.data import DataError, Splits, load_splits, resolve_data_dir  # noqa: E402
-from results.store import (  # noqa: E402
-    ExperimentStore,
-    StoreError,
+from fmnist.data import (  # noqa: E402
+    DataError,
+    Splits,
     folder_problem,
-    open_root,
-    probe_uri,
+    load_splits,
+    resolve_data_dir,
 )
+from results.store import ExperimentStore, StoreError, open_root, probe_uri  # noqa: E402
 from search.spaces import (  # noqa: E402
     Space,
     SpaceError,
@@ -179,7 +179,7 @@ def check_storage(value: str) -> None:
 def check_storage_reachable(value: str) -> None:
     """Refuse a --storage root that cannot be reached or, for a folder, created or written.
 
-    A local folder is probed (`results.store.folder_problem`), a bucket looked up once
+    A local folder is probed (`fmnist.data.folder_problem`), a bucket looked up once
     (`results.store.probe_uri`); neither leaves anything behind.
     """
     fs, path = open_root(value)

@@ -180,13 +180,26 @@ def test_cli_trains_and_saves(tiny_data_dir, tmp_path):
     assert (tmp_path / "m" / "model.keras").is_file()
 
 
-def test_cli_bad_key_is_one_line(tiny_data_dir):
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "gpt"], "model must be one of mlp, cnn, vgg, resnet"),
+    (["--save", "{file}/m"], "--save {file}/m: {file} is a file, not a folder"),
+    (["--resume", "{tmp}"], "--resume {tmp}: not a checkpoint folder (no state.json; "
+                            "--save writes one)"),
+    (["--seed", "-1"], "seed must be between 0 and 4294967295"),
+])
+def test_cli_bad_input_is_one_line_before_training(tiny_data_dir, tmp_path, flags, message):
+    (tmp_path / "a_file").write_text("x")
+    subst = {"{file}": str(tmp_path / "a_file"), "{tmp}": str(tmp_path)}
+    for key, value in subst.items():
+        flags = [f.replace(key, value) for f in flags]
+        message = message.replace(key, value)
     out = subprocess.run(
-        [sys.executable, "-m", "fmnist.train", "--data-dir", str(tiny_data_dir), "--model", "gpt"],
+        [sys.executable, "-m", "fmnist.train", "--data-dir", str(tiny_data_dir), "--model", "mlp",
+         "--units", "8", "--epochs", "1", "--val-size", "100", "--train-size", "200", *flags],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
-    assert out.returncode == 2
-    assert "Traceback" not in out.stderr
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "epoch " not in out.stdout  # nothing trained
     # TensorFlow's C++ start-up lines cannot be silenced; ours is the last line.
     last = out.stderr.strip().splitlines()[-1]
-    assert last == "error: model must be one of mlp, cnn, vgg, resnet"
+    assert last == f"error: {message}"
