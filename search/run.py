@@ -199,6 +199,39 @@ def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
 
 
+def changed_on_resume(argv: list[str], saved: dict[str, Any]) -> list[str]:
+    """The flags given with --resume whose values differ from the experiment's own, as text.
+
+    Ray Tune restores the search as it was saved, so such a flag could not take effect.
+    """
+    parser = build_parser()
+    for action in parser._actions:  # parse only what was typed: no defaults
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    changed = []
+    for key, value in given.items():
+        if key in NOT_SETTINGS or key not in saved:
+            continue
+        old = saved[key]
+        if key == "space" and is_space_file(value):
+            value = str(space_path(value).resolve())
+        elif key == "data_dir" and value:
+            value = str(Path(value).expanduser().resolve())
+        elif key == "set":
+            value, old = sorted(value), sorted(old or [])
+        if value != old:
+            changed.append(f"--{key.replace('_', '-')} {_shown(value)} (it has {_shown(old)})")
+    return changed
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return shlex.join(value) if value else "none"
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def resolve(argv: list[str]) -> Plan:
     """Parse and check everything. Raises UsageError with a one-line message."""
     args = build_parser().parse_args(argv)
@@ -219,7 +252,11 @@ def resolve(argv: list[str]) -> Plan:
             raise UsageError(f"--resume: {args.name!r} stopped before Ray Tune saved its state; "
                              "nothing to continue, start it again under a new --name")
         saved = json.loads(store.read_experiment()["settings"])
-        for key, value in saved.items():  # the original settings win; only where/how differ
+        changed = changed_on_resume(argv, saved)
+        if changed:
+            raise UsageError(f"--resume continues {args.name!r} with its own settings, and "
+                             f"{', '.join(changed)} differ; start a new --name to change them")
+        for key, value in saved.items():  # the original settings; only where/how may differ
             setattr(args, key, value)
     preset = FULL if args.full else QUICK
     for key, value in preset.items():

@@ -1,5 +1,6 @@
 """End-to-end searches on a real local Ray with tiny data and tiny models."""
 
+import contextlib
 import io
 import json
 import os
@@ -210,9 +211,20 @@ def test_resume_from_another_folder_with_relative_space_and_data(
     settings = json.loads(store.read_experiment()["settings"])
     assert settings["space"] == str((start / "my.yaml").resolve())
     assert settings["data_dir"] == str((start / "data").resolve())
+    # Flags that repeat the experiment's settings are fine, from the first folder too;
+    # flags that differ could not take effect (Tune restores the search as saved): refused.
+    again = ["--storage", str(runs), "--name", "rel", "--resume"]
+    assert run.main([*again, "--space", "my.yaml", "--data-dir", "data", "--num-samples", "2",
+                     "--dry-run"], out=io.StringIO()) == 0
     monkeypatch.chdir(elsewhere)
-    assert run.main(["--storage", str(runs), "--name", "rel", "--resume"], out=out) == 0, \
-        out.getvalue()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run.main([*again, "--num-samples", "5", "--set", "units=8", "--full"], out=out)
+    assert code == 2 and err.getvalue().splitlines() == [
+        "error: --resume continues 'rel' with its own settings, and --num-samples 5 (it has 2), "
+        "--set units=8 (it has none), --full on (it has off) differ; start a new --name to "
+        "change them"]
+    assert run.main(again, out=out) == 0, out.getvalue()
     assert len(store.read_trials()) == 2
 
 
