@@ -210,7 +210,7 @@ def changed_on_resume(argv: list[str], saved: dict[str, Any]) -> list[str]:
     given = vars(parser.parse_args(argv))
     changed = []
     for key, value in given.items():
-        if key in NOT_SETTINGS or key not in saved:
+        if key in NOT_SETTINGS or key not in saved or key == "verify_data":
             continue
         old = saved[key]
         if key == "space" and is_space_file(value):
@@ -256,8 +256,10 @@ def resolve(argv: list[str]) -> Plan:
         if changed:
             raise UsageError(f"--resume continues {args.name!r} with its own settings, and "
                              f"{', '.join(changed)} differ; start a new --name to change them")
+        verify = args.verify_data  # checking the files again changes nothing in the search
         for key, value in saved.items():  # the original settings; only where/how may differ
             setattr(args, key, value)
+        args.verify_data = args.verify_data or verify
     preset = FULL if args.full else QUICK
     for key, value in preset.items():
         if getattr(args, key) is None and key != "max_epochs":

@@ -216,6 +216,11 @@ def test_resume_from_another_folder_with_relative_space_and_data(
     again = ["--storage", str(runs), "--name", "rel", "--resume"]
     assert run.main([*again, "--space", "my.yaml", "--data-dir", "data", "--num-samples", "2",
                      "--dry-run"], out=io.StringIO()) == 0
+    # --verify-data may be added, and is applied: these tiny files are not Fashion-MNIST's.
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run.main([*again, "--verify-data", "--dry-run"], out=io.StringIO()) == 2
+    assert "sha256" in err.getvalue(), err.getvalue()
     monkeypatch.chdir(elsewhere)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
