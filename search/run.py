@@ -691,6 +691,11 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10) -> in
     counts = trials["status"].value_counts().to_dict()
     print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=out)
     print(f"results: {store.uri()}", file=out, flush=True)
+    if counts.get("budget") and not counts.get("interrupted"):
+        budget = json.loads(store.read_experiment()["settings"]).get("time_budget")
+        print(f"the time budget ({_shown(budget)} s) ended the search; it is part of the "
+              "experiment, so --resume cannot extend it: for more, start a new --name with a "
+              "larger --time-budget, or --full", file=out, flush=True)
     failed = trials[trials["status"] == "error"]
     for row in failed.itertuples(index=False):
         print(f"failed: {row.trial_id}: {row.stop_reason}", file=sys.stderr)

@@ -329,10 +329,13 @@ def test_time_budget_records_every_trial_and_queues_no_more_than_can_run(
         ray_session, tiny_data_dir, tiny_space, tmp_path):
     # Far more samples and epochs than fit in the budget: the budget, not the count, ends it,
     # and the first two trials (FIFO, 1,000 epochs) hold both slots until it does.
+    out = io.StringIO()
     code = run.main(search_args(tiny_data_dir, tiny_space, tmp_path, "budget", "--num-samples",
                                 "100", "--max-epochs", "1000", "--scheduler", "fifo",
-                                "--time-budget", "15"), out=io.StringIO())
+                                "--time-budget", "15"), out=out)
     assert code == 0
+    assert "the time budget (15 s) ended the search; it is part of the experiment, so " \
+        "--resume cannot extend it" in out.getvalue()
     store = ExperimentStore(str(tmp_path), "budget")
     trials, epochs = store.read_trials(), store.read_epochs()
     assert set(trials["status"]) == {"budget"}  # nothing reached 1,000 epochs
