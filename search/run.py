@@ -15,9 +15,11 @@ import os
 import platform
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -655,7 +657,14 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
         if limit is not None:  # read once, when Tune's controller starts (inside fit)
             os.environ[PENDING_ENV] = str(limit)
         start = time.monotonic()
-        tuner.fit()
+        handlers = _stop_handlers()
+        try:
+            tuner.fit()
+        finally:
+            # Tune leaves its Ctrl+C handler installed after the search, so in a notebook or
+            # any caller that goes on, the next Ctrl+C would be swallowed: put back the caller's.
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         wall = time.monotonic() - start
     finally:
         if limit is not None:
@@ -663,6 +672,16 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
         if started_here:
             ray.shutdown()
     return report(plan.store, wall, out)
+
+
+def _stop_handlers() -> dict[int, Any]:
+    """The signal handlers Tune replaces during a search, where this thread may set them."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # Tune installs none there either
+    names = ("SIGINT", "SIGUSR1", "SIGTERM")
+    handlers = {getattr(signal, n): signal.getsignal(getattr(signal, n)) for n in names
+                if hasattr(signal, n)}
+    return {sig: h for sig, h in handlers.items() if h is not None}  # None: not set from Python
 
 
 def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10) -> int:
