@@ -212,13 +212,11 @@ def changed_on_resume(argv: list[str], saved: dict[str, Any]) -> list[str]:
     given = vars(parser.parse_args(argv))
     changed = []
     for key, value in given.items():
-        if key in NOT_SETTINGS or key not in saved or key == "verify_data":
+        if key in NOT_SETTINGS or key not in saved or key in ("verify_data", "data_dir"):
             continue
         old = saved[key]
         if key == "space" and is_space_file(value):
             value = str(space_path(value).resolve())
-        elif key == "data_dir" and value:
-            value = str(Path(value).expanduser().resolve())
         elif key == "set":
             value, old = sorted(value), sorted(old or [])
         if value != old:
@@ -253,15 +251,20 @@ def resolve(argv: list[str]) -> Plan:
         if not store.has_ray_state():
             raise UsageError(f"--resume: {args.name!r} stopped before Ray Tune saved its state; "
                              "nothing to continue, start it again under a new --name")
-        saved = json.loads(store.read_experiment()["settings"])
+        searched = store.read_experiment()
+        saved = json.loads(searched["settings"])
         changed = changed_on_resume(argv, saved)
         if changed:
             raise UsageError(f"--resume continues {args.name!r} with its own settings, and "
                              f"{', '.join(changed)} differ; start a new --name to change them")
-        verify = args.verify_data  # checking the files again changes nothing in the search
+        # Where the files are now, and checking them again, change nothing in the search;
+        # that they are the same files is checked below, once they are read.
+        data_dir, verify = args.data_dir, args.verify_data
         for key, value in saved.items():  # the original settings; only where/how may differ
             setattr(args, key, value)
         args.verify_data = args.verify_data or verify
+        if data_dir:
+            args.data_dir = str(Path(data_dir).expanduser().resolve())
     preset = FULL if args.full else QUICK
     for key, value in preset.items():
         if getattr(args, key) is None and key != "max_epochs":
@@ -313,6 +316,11 @@ def resolve(argv: list[str]) -> Plan:
     resolve_data_dir(args.data_dir, args.dataset)  # a clear error for a missing folder first
     splits = load_splits(args.data_dir, args.dataset, val_size=args.val_size,
                          train_size=args.train_size, seed=args.seed, verify=args.verify_data)
+    if args.resume and splits.source.fingerprint != searched["dataset_fingerprint"]:
+        raise UsageError(f"--resume: the data at {splits.source.location} is not the data "
+                         f"{args.name!r} searched on (fingerprint {splits.source.fingerprint[:12]}"
+                         f", it has {searched['dataset_fingerprint'][:12]}); give --data-dir "
+                         "with the same files")
     if not args.resume:
         name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
         store = ExperimentStore(args.storage, name)

@@ -16,7 +16,7 @@ import pytest
 from fmnist.data import digest_arrays, load_splits, load_test
 from results.store import EPOCH_SCHEMA, TRIAL_COLUMNS, ExperimentStore
 from search import run
-from tests.conftest import REPO, search_args
+from tests.conftest import REPO, search_args, write_dataset
 
 SCHEDULERS = ["asha", "hyperband", "median", "fifo"]
 SEARCHERS = ["random", "optuna", "hyperopt", "grid"]
@@ -218,6 +218,17 @@ def test_resume_from_another_folder_with_relative_space_and_data(
     again = ["--storage", str(runs), "--name", "rel", "--resume"]
     assert run.main([*again, "--space", "my.yaml", "--data-dir", "data", "--num-samples", "2",
                      "--dry-run"], out=io.StringIO()) == 0
+    # The data may have moved (--data-dir), but it must be the same files.
+    shutil.copytree(tiny_data_dir, tmp_path / "moved")
+    assert run.main([*again, "--data-dir", str(tmp_path / "moved"), "--dry-run"],
+                    out=io.StringIO()) == 0
+    write_dataset(tmp_path / "other", seed=1)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run.main([*again, "--data-dir", str(tmp_path / "other"), "--dry-run"],
+                        out=io.StringIO()) == 2
+    assert err.getvalue().startswith(f"error: --resume: the data at {tmp_path / 'other'} is "
+                                     "not the data 'rel' searched on (fingerprint "), err.getvalue()
     # --verify-data may be added, and is applied: these tiny files are not Fashion-MNIST's.
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
