@@ -1,0 +1,147 @@
+"""GPU throughput: fmnist training under KERAS_BACKEND=jax, one process and several on one GPU.
+
+    python bench/gpu_throughput.py [--procs 1 2 4] [--batch-size 512] [--epochs 3]
+                                   [--train-size 48000] [--data-dir DIR]
+
+The config is the `vgg` reference: notebook 000's CustomVGG as `search/spaces/seed-vgg.yaml`
+fixes it (4 blocks of 2, 2, 3, 3 convs, 32 to 256 filters, batch norm, dense 256, dropout 0.3,
+SGD with momentum 0.9 and cosine decay), learning rate and weight decay at the geometric middle
+of that space's ranges, at batch 512. For each count N in `--procs`, N processes start at once
+on the same GPU, each training its own copy on the same data: one warm-up epoch (JAX compiles
+the steps there), then `--epochs` timed ones. Per process: training images/s inside `fit` (the
+same figure a search's epoch rows carry). Aggregate: the training images of all N processes'
+timed epochs over the span from the first timed epoch's start to the last one's end (so each
+epoch's validation is inside the span, and a process that waited on another counts against
+it); the ratio to N = 1 is measured in the same run. Each process holds 0.9 / N of the GPU's
+memory (XLA_PYTHON_CLIENT_MEM_FRACTION), as a search does with `--gpus-per-trial 1/N`.
+
+Prints one line per process and a one-line JSON summary, appended to
+bench/results/gpu_throughput.jsonl. Needs JAX with a GPU (it refuses to measure a CPU unless
+`--allow-cpu`, which is for checking the script itself) and no TensorFlow or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+# seed-vgg.yaml's fixed values; its two searched values at the middle of their log ranges.
+REFERENCE = dict(model="vgg", blocks=4, convs_per_block=[2, 2, 3, 3], base_filters=32,
+                 max_filters=256, batch_norm=True, dense_units=256, dropout=0.3, optimizer="sgd",
+                 momentum=0.9, lr_schedule="cosine", learning_rate=math.sqrt(1e-3 * 1e-1),
+                 weight_decay=math.sqrt(3e-4 * 1e-2))
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One process: warm up, time `--epochs` epochs, print a JSON line (last line of stdout)."""
+    import jax
+    import keras
+
+    from fmnist.data import load_splits
+    from fmnist.train import TrainConfig, TrainingRun
+
+    device = jax.devices()[0]
+    data = load_splits(args.data_dir, train_size=args.train_size, val_size=args.val_size)
+    cfg = TrainConfig(**REFERENCE, batch_size=args.batch_size, epochs=args.epochs + 1)
+    run = TrainingRun(cfg, data)
+    warm = run.fit_epoch()
+    start, epochs = time.time(), []
+    for _ in range(args.epochs):
+        epochs.append(run.fit_epoch())
+    end = time.time()
+    print(json.dumps({
+        "pid": os.getpid(), "backend": keras.backend.backend(), "device": str(device),
+        "platform": device.platform, "params": run.model.count_params(),
+        "warmup_epoch_s": round(warm["epoch_time_s"], 2), "start": start, "end": end,
+        "train_images": sum(len(data.y_train) for _ in epochs),
+        "train_time_s": sum(m["train_time_s"] for m in epochs),
+        "epoch_time_s": [round(m["epoch_time_s"], 3) for m in epochs],
+        "images_per_s": [round(m["train_samples_per_s"]) for m in epochs],
+        "val_accuracy": round(epochs[-1]["val_accuracy"], 4),
+    }), flush=True)
+
+
+def run_group(n: int, args: argparse.Namespace) -> dict:
+    """Start n workers at once; wait for all; aggregate what they measured."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / n:.3f}", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, __file__, "--worker", "--batch-size", str(args.batch_size),
+            "--epochs", str(args.epochs), "--train-size", str(args.train_size),
+            "--val-size", str(args.val_size)]
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            tail = "\n".join(err.strip().splitlines()[-5:])
+            sys.exit(f"error: a worker of {n} exited with {proc.returncode}:\n{tail}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    for r in results:
+        print(f"{n} at once, pid {r['pid']} on {r['device']}: "
+              f"{' / '.join(map(str, r['images_per_s']))} images/s, epochs "
+              f"{' / '.join(map(str, r['epoch_time_s']))} s (warm-up {r['warmup_epoch_s']} s)",
+              flush=True)
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    images = sum(r["train_images"] for r in results)
+    return {"procs": n, "aggregate_images_per_s": round(images / span),
+            "per_process_images_per_s": [round(r["train_images"] / r["train_time_s"])
+                                         for r in results],
+            "span_s": round(span, 2), "device": results[0]["device"],
+            "platform": results[0]["platform"], "params": results[0]["params"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up")
+    parser.add_argument("--train-size", type=int, default=48_000)
+    parser.add_argument("--val-size", type=int, default=12_000)
+    parser.add_argument("--data-dir", help="folder with the four IDX files")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="run where JAX has no GPU (checks the script; measures nothing)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if min(args.procs) < 1 or args.epochs < 1 or args.batch_size < 1:
+        sys.exit("error: --procs, --epochs and --batch-size must be >= 1")
+    if args.worker:
+        worker(args)
+        return
+    groups = []
+    for n in args.procs:
+        groups.append(run_group(n, args))
+        if groups[0]["platform"] not in ("gpu", "cuda", "rocm") and not args.allow_cpu:
+            sys.exit(f"error: JAX runs on {groups[0]['device']}, not a GPU; --allow-cpu to "
+                     "check the script anyway")
+    alone = next((g["aggregate_images_per_s"] for g in groups if g["procs"] == 1), None)
+    from report import emit
+
+    emit("gpu_throughput", {
+        "bench": "gpu_throughput", "config": REFERENCE, "batch_size": args.batch_size,
+        "train": args.train_size, "val": args.val_size, "timed_epochs": args.epochs,
+        "device": groups[0]["device"], "params": groups[0]["params"],
+        "images_per_s_alone": alone,
+        "aggregate_images_per_s": {g["procs"]: g["aggregate_images_per_s"] for g in groups},
+        "aggregate_over_alone": ({g["procs"]: round(g["aggregate_images_per_s"] / alone, 3)
+                                  for g in groups} if alone else None),
+        "per_process_images_per_s": {g["procs"]: g["per_process_images_per_s"] for g in groups},
+        "machine": platform.machine(), "time": time.time(),
+    })
+
+
+if __name__ == "__main__":
+    main()
