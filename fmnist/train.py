@@ -303,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
               if getattr(args, f.name) is not None}
     try:
-        if args.save and folder_problem(args.save):  # before the training it would lose
-            raise DataError(f"--save {args.save}: {folder_problem(args.save)}")
+        problem = folder_problem(args.save) if args.save else None
+        if problem:  # before the training it would lose
+            raise DataError(f"--save {args.save}: {problem}")
         if args.resume and not (Path(args.resume) / "state.json").is_file():
             raise DataError(f"--resume {args.resume}: not a checkpoint folder (no state.json; "
                             "--save writes one)")
