@@ -26,8 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-
 ROOT = Path(__file__).resolve().parents[1]
 # Tune warns on every forced snapshot; with per-epoch checkpoints those are what make resume exact.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -184,14 +182,13 @@ def check_storage_reachable(value: str) -> None:
     A local folder is probed (`fmnist.data.folder_problem`), a bucket looked up once
     (`results.store.probe_uri`); neither leaves anything behind.
     """
-    fs, path = open_root(value)
-    if not isinstance(fs, pafs.LocalFileSystem):
+    if "://" in value and not value.lower().startswith("file://"):
         try:
-            probe_uri(value)
+            probe_uri(value)  # opens the bucket itself: open it once here, not twice
         except StoreError as exc:
             raise UsageError(f"--storage {exc}") from None
         return
-    problem = folder_problem(path)
+    problem = folder_problem(open_root(value)[1])  # a local path: nothing goes over a network
     if problem:
         raise UsageError(f"--storage {value}: {problem}")
 
