@@ -81,7 +81,6 @@ class ParquetRecorder(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["out"] = None
-        state.pop("_term_before", None)  # a signal handler: this process's, not the state's
         return state
 
     def setup(self, **info: Any) -> None:
@@ -117,8 +116,8 @@ class ParquetRecorder(Callback):
             signal.signal(sig, note)
         # SIGTERM (kill, `docker stop`, Kubernetes, Slurm) otherwise ends the driver at once
         # (ray.init's handler exits), like a hard kill: here it stops the search as Ctrl+C
-        # does. The handler it replaces comes back for a second SIGTERM, and when the search
-        # ends.
+        # does. The handler it replaces comes back for a second SIGTERM; run.run_search puts
+        # back the caller's handlers when the search ends.
         tunes, before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         if callable(tunes) and before is not signal.SIG_IGN:
             before = signal.SIG_DFL if before is None else before  # None: set outside Python
@@ -128,12 +127,6 @@ class ParquetRecorder(Callback):
                 tunes(signal.SIGINT, frame)
 
             signal.signal(signal.SIGTERM, on_term)
-            self._term_before = before
-
-    def _unwatch_sigterm(self) -> None:
-        before = self.__dict__.pop("_term_before", None)
-        if before is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, before)
 
     def _backfill(self) -> None:
         """Recover epochs Tune logged (result.json) that a crash kept from reaching Parquet.
@@ -208,7 +201,6 @@ class ParquetRecorder(Callback):
         self._abandon_forgotten({trial.trial_id for trial in trials})
         self.flush()
         self.print_progress(trials)
-        self._unwatch_sigterm()
 
     # ------------------------------------------------------------------ rows
 

@@ -680,9 +680,12 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
 
 
 def _stop_handlers() -> dict[int, Any]:
-    """The signal handlers Tune replaces during a search, where this thread may set them."""
+    """The handlers Tune (SIGINT, SIGUSR1) and the recorder (SIGTERM) replace during a search.
+
+    Only the main thread may set them, and there is nothing to put back elsewhere.
+    """
     if threading.current_thread() is not threading.main_thread():
-        return {}  # Tune installs none there either
+        return {}
     names = ("SIGINT", "SIGUSR1", "SIGTERM")
     handlers = {getattr(signal, n): signal.getsignal(getattr(signal, n)) for n in names
                 if hasattr(signal, n)}
