@@ -676,7 +676,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
             os.environ.pop(PENDING_ENV, None)
         if started_here:
             ray.shutdown()
-    return report(plan.store, wall, out)
+    return report(plan.store, wall, out, time_budget=a.time_budget)
 
 
 def _stop_handlers() -> dict[int, Any]:
@@ -692,7 +692,8 @@ def _stop_handlers() -> dict[int, Any]:
     return {sig: h for sig, h in handlers.items() if h is not None}  # None: not set from Python
 
 
-def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10) -> int:
+def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
+           time_budget: float | None = None) -> int:
     """Print the top trials from what is on disk; exit code 1 if any trial failed."""
     out = out or sys.stdout
     trials = store.read_trials()
@@ -719,8 +720,7 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10) -> in
     print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=out)
     print(f"results: {store.uri()}", file=out, flush=True)
     if counts.get("budget") and not counts.get("interrupted"):
-        budget = json.loads(store.read_experiment()["settings"]).get("time_budget")
-        print(f"the time budget ({_shown(budget)} s) ended the search; it is part of the "
+        print(f"the time budget ({_shown(time_budget)} s) ended the search; it is part of the "
               "experiment, so --resume cannot extend it: for more, start a new --name with a "
               "larger --time-budget, or --full", file=out, flush=True)
     failed = trials[trials["status"] == "error"]
