@@ -17,7 +17,8 @@ memory (XLA_PYTHON_CLIENT_MEM_FRACTION), as a search does with `--gpus-per-trial
 
 Prints one line per process and a one-line JSON summary, appended to
 bench/results/gpu_throughput.jsonl. Needs JAX with a GPU (it refuses to measure a CPU unless
-`--allow-cpu`, which is for checking the script itself) and no TensorFlow or Ray.
+`--allow-cpu`, which is for checking the script itself), keras, numpy and pyyaml (for the
+space file); no TensorFlow or Ray.
 """
 
 from __future__ import annotations
@@ -36,11 +37,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-# seed-vgg.yaml's fixed values; its two searched values at the middle of their log ranges.
-REFERENCE = dict(model="vgg", blocks=4, convs_per_block=[2, 2, 3, 3], base_filters=32,
-                 max_filters=256, batch_norm=True, dense_units=256, dropout=0.3, optimizer="sgd",
-                 momentum=0.9, lr_schedule="cosine", learning_rate=math.sqrt(1e-3 * 1e-1),
-                 weight_decay=math.sqrt(3e-4 * 1e-2))
+
+
+def reference() -> dict:
+    """seed-vgg.yaml's fixed values, and its searched ones at the geometric middle of their range.
+
+    Read from the space file itself, so the benchmark follows it; batch size and epochs are
+    this script's.
+    """
+    from search.spaces import load_space
+
+    space = load_space("seed-vgg")
+    config = {k: v for k, v in space.fixed.items() if k not in ("epochs", "batch_size")}
+    for key, dist in space.dists.items():  # learning_rate and weight_decay: loguniform
+        low, high = dist.args
+        config[key] = math.sqrt(low * high)
+    return config
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -53,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
 
     device = jax.devices()[0]
     data = load_splits(args.data_dir, train_size=args.train_size, val_size=args.val_size)
-    cfg = TrainConfig(**REFERENCE, batch_size=args.batch_size, epochs=args.epochs + 1)
+    cfg = TrainConfig(**reference(), batch_size=args.batch_size, epochs=args.epochs + 1)
     run = TrainingRun(cfg, data)
     warm = run.fit_epoch()
     start, epochs = time.time(), []
@@ -131,7 +143,7 @@ def main() -> None:
     from report import emit
 
     emit("gpu_throughput", {
-        "bench": "gpu_throughput", "config": REFERENCE, "batch_size": args.batch_size,
+        "bench": "gpu_throughput", "config": reference(), "batch_size": args.batch_size,
         "train": args.train_size, "val": args.val_size, "timed_epochs": args.epochs,
         "device": groups[0]["device"], "params": groups[0]["params"],
         "images_per_s_alone": alone,
