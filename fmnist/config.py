@@ -19,6 +19,9 @@ MODE = "max"
 FAMILIES = ("mlp", "cnn", "vgg", "resnet")  # fmnist.models.MODELS has one builder for each
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
+# auto: mixed_bfloat16 where it was measured to pay off (a CPU with bfloat16 instructions, on
+# TensorFlow), float32 everywhere else; fmnist.train.resolve_precision decides, in the trial.
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 
 class ConfigError(ValueError):
@@ -62,6 +65,7 @@ class TrainConfig:
     seed: int = 0  # weights, dropout, augmentation and batch order
     eval_batch_size: int = 1024  # validation has no gradients: larger batches are faster
     jit_compile: bool = False  # XLA; measured on this CPU it did not pay off (see bench/)
+    precision: str = "auto"  # float32, mixed_bfloat16 (bf16 compute, float32 weights) or auto
     intra_op_threads: int = 0  # threads inside one op; 0 = TensorFlow's default (all cores)
     inter_op_threads: int = 0  # ops in parallel; 0 = default. Set both when trials share cores
 
@@ -75,6 +79,7 @@ class TrainConfig:
         checks = [
             (self.model in FAMILIES, f"model must be one of {', '.join(FAMILIES)}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (self.epochs >= 1, "epochs must be >= 1"),

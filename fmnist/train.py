@@ -99,6 +99,54 @@ def configure_threads(intra_op: int, inter_op: int) -> bool:
     return True
 
 
+def bf16_cpu(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16).
+
+    `cpuinfo` is the text of /proc/cpuinfo (read when not given). Other systems count as no:
+    without those instructions oneDNN emulates bfloat16, which is slower than float32.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
+    return False
+
+
+def resolve_precision(precision: str) -> str:
+    """The Keras dtype policy a run trains with: `precision`, with "auto" decided here.
+
+    auto is mixed_bfloat16 (bfloat16 compute, float32 weights and outputs) only where it was
+    measured to pay off: TensorFlow with oneDNN on a CPU with bfloat16 instructions, where
+    one-thread epochs of the `cnn` space took 0.5-0.6x as long at the same accuracy
+    (bench/precision.py). Everywhere else, GPUs included (not measured), float32.
+    """
+    if precision != "auto":
+        return precision
+    if keras.backend.backend() != "tensorflow":
+        return "float32"
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() in ("0", "false", "no"):
+        return "float32"  # bfloat16 kernels come from oneDNN
+    import tensorflow as tf  # device lists have no Keras API
+
+    if tf.config.list_physical_devices("GPU"):
+        return "float32"
+    return "mixed_bfloat16" if bf16_cpu() else "float32"
+
+
+def build_with_precision(cfg: TrainConfig, policy: str) -> keras.Model:
+    """`build_model(cfg)` with every layer under `policy`; the global policy is left as it was."""
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        return build_model(cfg)
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
 def _arrays(data: Any) -> dict[str, np.ndarray]:
     """Accept `fmnist.data.Splits` or a mapping with exactly the train and validation arrays."""
     if hasattr(data, "arrays"):
@@ -152,7 +200,7 @@ class TrainingRun:
         self.epoch = 0  # epochs completed
         self.attempt = 0  # how many times this run was restored from a checkpoint
         keras.utils.set_random_seed(cfg.seed)
-        self.model = build_model(cfg)
+        self.model = build_with_precision(cfg, resolve_precision(cfg.precision))
         self.model.compile(
             optimizer=make_optimizer(cfg, self.steps_per_epoch),
             loss=self._loss(),
@@ -212,7 +260,19 @@ class TrainingRun:
             "epoch_time_s": t2 - t0,
             "train_time_s": t1 - t0,
             "train_samples_per_s": len(self.x_train) / (t1 - t0),
+            "precision": self.precision,
         }
+
+    @property
+    def precision(self) -> str:
+        """The dtype policy the model's layers compute with (a restored model keeps its own).
+
+        Read from the layers: a loaded model's own policy is the global one, whatever its
+        layers were saved with. The classifier is float32 under every policy (fmnist.models).
+        """
+        mixed = sorted({layer.dtype_policy.name for layer in self.model.layers
+                        if layer.dtype_policy.name.startswith("mixed_")})
+        return mixed[0] if mixed else "float32"
 
     def current_lr(self) -> float:
         opt = self.model.optimizer
@@ -325,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['train_samples_per_s']:.0f} img/s", flush=True)
 
     run = train(cfg, data, on_epoch_end=show, checkpoint_dir=args.save, resume_from=args.resume)
-    print(f"params {run.model.count_params():,}")
+    print(f"params {run.model.count_params():,}, precision {run.precision}")
     return 0
 
 

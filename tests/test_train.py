@@ -121,6 +121,59 @@ def test_batches_fed_without_autotuning_train_the_same_weights(tiny, monkeypatch
         assert ea["val_accuracy"] == eb["val_accuracy"]
 
 
+def test_bf16_cpu_reads_the_flags_line():
+    head = "processor\t: 0\nmodel name\t: x\n"
+    assert fmnist.train.bf16_cpu(head + "flags\t\t: fpu avx2 avx512f avx512_bf16 fma\n")
+    assert fmnist.train.bf16_cpu(head + "flags\t\t: fpu avx2 amx_tile amx_bf16\n")
+    assert not fmnist.train.bf16_cpu(head + "flags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    # aarch64 lists "Features", and a bf16 word in another line is not a flag
+    assert not fmnist.train.bf16_cpu("Features\t: fp asimd bf16\nmodel name\t: avx512_bf16\n")
+    assert not fmnist.train.bf16_cpu("")
+
+
+def test_auto_precision_is_bfloat16_only_on_a_bf16_cpu_with_onednn(monkeypatch):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is visible: auto is float32 there, whatever the CPU")
+    resolve = fmnist.train.resolve_precision
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    monkeypatch.setattr(fmnist.train, "bf16_cpu", lambda cpuinfo=None: True)
+    assert resolve("auto") == "mixed_bfloat16"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # bfloat16 kernels come from oneDNN
+    assert resolve("auto") == "float32"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    assert resolve("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(fmnist.train, "bf16_cpu", lambda cpuinfo=None: False)
+    assert resolve("auto") == "float32"
+    assert resolve("mixed_bfloat16") == "mixed_bfloat16" and resolve("float32") == "float32"
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_precision_sets_the_layers_and_survives_a_restore(tiny, tmp_path, precision):
+    compute = {"float32": "float32", "mixed_bfloat16": "bfloat16"}[precision]
+    cfg = TrainConfig(model="cnn", epochs=3, batch_size=32, base_filters=8, dense_units=16,
+                      precision=precision)
+    run = TrainingRun(cfg, tiny)
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is left alone
+    conv = run.model.get_layer("block0_conv")
+    assert conv.compute_dtype == compute and conv.kernel.dtype == "float32"
+    assert run.model.get_layer("classes").compute_dtype == "float32"
+    seen = [run.fit_epoch(), run.fit_epoch()]
+    assert [m["precision"] for m in seen] == [precision] * 2
+    assert seen[-1]["val_accuracy"] > 0.5  # learns in either precision
+    probs = np.asarray(run.model.predict(tiny.x_val[:8], verbose=0))
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    run.save(tmp_path / "ckpt")
+    # restored into a run configured the other way: the checkpoint's precision wins
+    other = cfg.replace(precision="float32" if precision != "float32" else "mixed_bfloat16")
+    again = TrainingRun(other, tiny)
+    again.restore(tmp_path / "ckpt")
+    assert again.precision == precision
+    assert again.model.get_layer("block0_conv").compute_dtype == compute
+    assert again.fit_epoch()["precision"] == precision
+
+
 def test_train_resumes_from_checkpoint_dir(tiny, tmp_path):
     cfg = TrainConfig(model="mlp", epochs=3, units=8)
     first = []
@@ -186,6 +239,7 @@ def test_cli_trains_and_saves(tiny_data_dir, tmp_path):
     (["--resume", "{tmp}"], "--resume {tmp}: not a checkpoint folder (no state.json; "
                             "--save writes one)"),
     (["--seed", "-1"], "seed must be between 0 and 4294967295"),
+    (["--precision", "half"], "precision must be one of auto, float32, mixed_bfloat16"),
 ])
 def test_cli_bad_input_is_one_line_before_training(tiny_data_dir, tmp_path, flags, message):
     (tmp_path / "a_file").write_text("x")
