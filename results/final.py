@@ -64,6 +64,9 @@ def config_for(trial: pd.Series):
     values = {k: v for k, v in lb.params_of(trial).items() if k in known
               and k not in RUNTIME_KEYS}
     values["epochs"] = int(trial["epochs"])
+    recorded = trial.get("precision")  # what the search trained with, where it was recorded
+    if "precision" not in values and isinstance(recorded, str) and recorded:
+        values["precision"] = recorded
     return TrainConfig.from_dict(values)
 
 
@@ -118,6 +121,7 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
                          "val_accuracy_in_search": float(trial["best_val_accuracy"]),
                          "test_accuracy": ev.accuracy, "train_time_s": train_s,
                          "train_images": len(data["y_train"]), "test_images": len(y_test),
+                         "precision": run.precision,
                          "config": json.dumps(cfg.to_dict(), default=list)})
             if saved is None:  # the first seed of the best configuration is the one kept
                 run.model.save(final_dir / "model.keras")

@@ -49,6 +49,7 @@ EPOCH_SCHEMA = pa.schema([
     ("node_ip", pa.string()),
     ("gpu_ids", pa.string()),
     ("data_sha256", pa.string()),  # digest of the train+validation arrays the trial received
+    ("precision", pa.string()),  # the Keras dtype policy the epoch trained with
 ])
 
 TRIAL_COLUMNS = [
@@ -69,6 +70,7 @@ TRIAL_COLUMNS = [
     ("node", pa.string()),
     ("gpu_ids", pa.string()),
     ("data_sha256", pa.string()),
+    ("precision", pa.string()),
     ("failures", pa.int64()),
     ("error", pa.string()),
     ("written_at", pa.timestamp("us", tz="UTC")),

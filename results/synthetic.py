@@ -47,6 +47,7 @@ def write_synthetic(root: str, name: str, trials: int, max_epochs: int, seed: in
         "loss": 1 - acc, "accuracy": acc + 0.01, "val_loss": 1.05 - acc, "val_accuracy": acc,
         "lr": lr[trial_idx], "epoch_time_s": 10.0, "train_time_s": 9.0, "samples_per_s": 1000.0,
         "node": "node-a", "node_ip": "127.0.0.1", "gpu_ids": "", "data_sha256": "x",
+        "precision": "float32",
     })
     # The recorder writes one part per flush; `parts` mimics that many files.
     for i, chunk in enumerate(np.array_split(np.arange(len(epochs)), parts)):
@@ -65,7 +66,8 @@ def write_synthetic(root: str, name: str, trials: int, max_epochs: int, seed: in
         "last_val_accuracy": last["val_accuracy"].to_numpy(),
         "start_time": start, "end_time": start, "wall_time_s": ran * 10.0,
         "train_time_s": ran * 10.0, "cpus": 1.0, "gpus": 0.0, "node": "node-a", "gpu_ids": "",
-        "data_sha256": "x", "failures": 0, "error": None, "written_at": start,
+        "data_sha256": "x", "precision": "float32", "failures": 0, "error": None,
+        "written_at": start,
         "params_model": "cnn", "params_learning_rate": lr, "params_dropout": dropout,
         "params_batch_size": batch,
     })

@@ -176,6 +176,7 @@ class ParquetRecorder(Callback):
             "node_ip": result.get("node_ip"),
             "gpu_ids": result.get("gpu_ids", ""),
             "data_sha256": result.get("data_sha256"),
+            "precision": result.get("precision"),
         }
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -282,6 +283,7 @@ class ParquetRecorder(Callback):
             "node": last.get("node"),
             "gpu_ids": last.get("gpu_ids"),
             "data_sha256": last.get("data_sha256"),
+            "precision": last.get("precision"),
             "failures": failures,
             "error": error,
             "written_at": now,

@@ -155,6 +155,22 @@ def test_accounting(two):
                                                       abs=1e-4)
 
 
+def test_final_retrains_with_the_precision_the_search_recorded():
+    from results.final import config_for
+
+    trial = pd.Series({"trial_id": "t1", "epochs": 2, "params_model": "cnn",
+                       "params_learning_rate": 0.01, "precision": "mixed_bfloat16"})
+    assert config_for(trial).precision == "mixed_bfloat16"
+    assert config_for(trial).epochs == 2 and config_for(trial).learning_rate == 0.01
+    # experiments from before the column, or a trial that never reported an epoch: auto
+    assert config_for(trial.drop("precision")).precision == "auto"
+    assert config_for(pd.concat([trial.drop("precision"), pd.Series({"precision": np.nan})])
+                      ).precision == "auto"
+    # a precision the space fixed or searched is a parameter, and wins
+    fixed = pd.concat([trial, pd.Series({"params_precision": "float32"})])
+    assert config_for(fixed).precision == "float32"
+
+
 def test_cli_leaderboard_formats(two, tmp_path):
     root, _, _ = two
     out = io.StringIO()

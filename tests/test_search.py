@@ -78,7 +78,12 @@ def test_parquet_columns_and_types(ray_session, tiny_data_dir, tiny_space, tmp_p
     assert epochs.num_rows == 4
     assert set(epochs.column("node").to_pylist()) == {ray_session.get_runtime_context()
                                                      .get_node_id()}
+    # the space leaves precision at auto: each trial resolves it and records what it used
+    from fmnist.train import resolve_precision
+
+    assert set(epochs.column("precision").to_pylist()) == {resolve_precision("auto")}
     trials = pq.read_table(folder / "trials")
+    assert set(trials.column("precision").to_pylist()) == {resolve_precision("auto")}
     types = {f.name: f.type for f in trials.schema}
     for name, type_ in TRIAL_COLUMNS:
         assert types[name] == type_, name
@@ -274,6 +279,7 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
     assert len(final) == 2 and set(final["trial_id"]) == {best["trial_id"]}
     assert (final["test_images"] == 200).all() and (final["train_images"] == 300).all()
     assert final["test_accuracy"].between(0, 1).all()
+    assert set(final["precision"]) == {best["precision"]}  # retrained as the search trained it
     per_class = pq.read_table(folder / "per_class.parquet").to_pandas()
     assert len(per_class) == 10 and per_class["support"].sum() == 200
     import keras
