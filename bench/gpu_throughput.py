@@ -65,7 +65,8 @@ def worker(args: argparse.Namespace) -> None:
 
     device = jax.devices()[0]
     data = load_splits(args.data_dir, train_size=args.train_size, val_size=args.val_size)
-    cfg = TrainConfig(**reference(), batch_size=args.batch_size, epochs=args.epochs + 1)
+    cfg = TrainConfig(**reference(), batch_size=args.batch_size, epochs=args.epochs + 1,
+                      precision=args.precision)
     run = TrainingRun(cfg, data)
     warm = run.fit_epoch()
     start, epochs = time.time(), []
@@ -75,6 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({
         "pid": os.getpid(), "backend": keras.backend.backend(), "device": str(device),
         "platform": device.platform, "params": run.model.count_params(),
+        "precision": run.precision,
         "warmup_epoch_s": round(warm["epoch_time_s"], 2), "start": start, "end": end,
         "train_images": sum(len(data.y_train) for _ in epochs),
         "train_time_s": sum(m["train_time_s"] for m in epochs),
@@ -90,7 +92,7 @@ def run_group(n: int, args: argparse.Namespace) -> dict:
            "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / n:.3f}", "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, __file__, "--worker", "--batch-size", str(args.batch_size),
             "--epochs", str(args.epochs), "--train-size", str(args.train_size),
-            "--val-size", str(args.val_size)]
+            "--val-size", str(args.val_size), "--precision", args.precision]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -113,7 +115,8 @@ def run_group(n: int, args: argparse.Namespace) -> dict:
             "per_process_images_per_s": [round(r["train_images"] / r["train_time_s"])
                                          for r in results],
             "span_s": round(span, 2), "device": results[0]["device"],
-            "platform": results[0]["platform"], "params": results[0]["params"]}
+            "platform": results[0]["platform"], "params": results[0]["params"],
+            "precision": results[0]["precision"]}
 
 
 def main() -> None:
@@ -124,6 +127,8 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=48_000)
     parser.add_argument("--val-size", type=int, default=12_000)
     parser.add_argument("--data-dir", help="folder with the four IDX files")
+    parser.add_argument("--precision", choices=("float32", "mixed_bfloat16"), default="float32",
+                        help="the models' dtype policy (default float32, what auto gives on JAX)")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="run where JAX has no GPU (checks the script; measures nothing)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -146,6 +151,7 @@ def main() -> None:
         "bench": "gpu_throughput", "config": reference(), "batch_size": args.batch_size,
         "train": args.train_size, "val": args.val_size, "timed_epochs": args.epochs,
         "device": groups[0]["device"], "params": groups[0]["params"],
+        "precision": groups[0]["precision"],
         "images_per_s_alone": alone,
         "aggregate_images_per_s": {g["procs"]: g["aggregate_images_per_s"] for g in groups},
         "aggregate_over_alone": ({g["procs"]: round(g["aggregate_images_per_s"] / alone, 3)

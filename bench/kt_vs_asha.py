@@ -12,6 +12,11 @@ the promotion-based ASHA (`--asha asha` for Ray's), one CPU per trial (`--cpus-p
 this 2-core machine: one two-thread trial at a time), drawing configs at random as Hyperband does
 (`--searcher tpe-rungs`: ours' TPE that learns from every rung's results).
 
+Precision: ours trains as `search/run.py` does by default (`precision: auto`, mixed bfloat16 on
+a CPU with bfloat16 instructions); Keras Tuner's models are float32, Keras' default, as its
+users run it. `--kt-precision auto` gives Keras Tuner ours' precision too, and `--precision
+float32` gives ours Keras Tuner's; each pair records what each tuner's models computed in.
+
 How much each tuner may search: Keras Tuner's Hyperband fixes its own number of configs (17
 for 9 epochs and factor 3, 75 epochs in all); ASHA is an anytime algorithm that keeps sampling
 until it is stopped. By default ours gets the wall time Keras Tuner took (`--time-budget`, and
@@ -60,9 +65,12 @@ from searchbench import (
     workdir,
 )
 
+from fmnist.config import PRECISIONS  # noqa: E402  (searchbench puts the repo on the path)
+
 UNBOUNDED = 10_000  # --num-samples when the time budget, not the count, ends our search
 PAIRED_DRAWS = 500  # more than one Hyperband iteration draws (17 for 9 epochs, 143 for 81)
 HISTORY: list[tuple[float, float]] = []  # (seconds since start, val_accuracy), every epoch
+PRECISION_SEEN: set[str] = set()  # the dtype policies Keras Tuner's models were built with
 
 
 def run_keras_tuner(args: argparse.Namespace) -> None:
@@ -93,8 +101,11 @@ def run_keras_tuner(args: argparse.Namespace) -> None:
         def build(self, hp):
             params = {k: sample(hp, k, d) for k, d in space.dists.items()}
             cfg = TrainConfig.from_dict({**space.fixed, **params, "epochs": args.max_epochs,
-                                         "seed": args.seeds[0]})
-            return TrainingRun(cfg, data).model  # the same model, optimizer and loss as ours
+                                         "seed": args.seeds[0],
+                                         "precision": args.kt_precision})
+            run = TrainingRun(cfg, data)  # the same model, optimizer and loss as ours
+            PRECISION_SEEN.add(run.precision)
+            return run.model
 
         def fit(self, hp, model, *a, **kw):
             return model.fit(*a, batch_size=hp.get("batch_size"), **kw)
@@ -119,7 +130,8 @@ def run_keras_tuner(args: argparse.Namespace) -> None:
                  callbacks=[Record()], verbose=0)
     trials = tuner.oracle.trials.values()
     configs = sum(1 for t in trials if "tuner/trial_id" not in t.hyperparameters.values)
-    print(json.dumps({"history": HISTORY, "trials": len(trials), "configs": configs}))
+    print(json.dumps({"history": HISTORY, "trials": len(trials), "configs": configs,
+                      "precision": ",".join(sorted(PRECISION_SEEN))}))
 
 
 def main() -> None:
@@ -145,6 +157,11 @@ def main() -> None:
     p.add_argument("--paired-draws", action="store_true",
                    help="Keras Tuner gets the configs ours draws, in the same order (default: "
                         "each tuner draws its own)")
+    p.add_argument("--kt-precision", choices=PRECISIONS, default="float32",
+                   help="Keras Tuner's models' precision (default float32: Keras' default, as "
+                        "its users run it; auto: as ours)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="ours' precision (default auto, search/run.py's default)")
     p.add_argument("--kt-dir", help=argparse.SUPPRESS)
     p.add_argument("--draws", help=argparse.SUPPRESS)
     p.add_argument("--keras-tuner", action="store_true", help=argparse.SUPPRESS)
@@ -186,7 +203,8 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
     sizes = size_flags(args)
     cmd = [sys.executable, __file__, "--keras-tuner", "--kt-dir",
            str(folder / f"keras-tuner-s{seed}"), "--max-epochs", str(args.max_epochs),
-           "--factor", str(args.factor), "--seeds", str(seed), *sizes, *data_flags]
+           "--factor", str(args.factor), "--seeds", str(seed), "--kt-precision",
+           args.kt_precision, *sizes, *data_flags]
     draws = ours_draws(seed, PAIRED_DRAWS) if args.paired_draws else None
     if draws:
         draws_file = folder / f"draws-s{seed}.json"
@@ -210,7 +228,8 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
                   "--reduction-factor", str(args.factor), "--grace-period", "1",
                   "--seed", str(seed), "--searcher", args.searcher,
                   "--cpus-per-trial", str(args.cpus_per_trial), *sizes,
-                  *data_flags)
+                  *data_flags, *([] if args.precision == "auto" else
+                                 ["--set", f"precision={args.precision}"]))
     if draws:
         check_draws(ours["trials"], draws[:kt["configs"]])
     raw = ours["raw"]
@@ -232,6 +251,8 @@ def pair(args: argparse.Namespace, folder: Path, seed: int) -> dict:
         "ours_time_to_target_s": None if our_ttt is None else round(our_ttt, 1),
         "kt_wall_s": round(kt_wall, 1), "ours_wall_s": round(ours["wall_s"], 1),
         "kt_epochs": len(kt["history"]), "ours_trial_epochs": int(len(raw)),
+        "kt_precision": kt["precision"],
+        "ours_precision": ",".join(sorted(set(raw["precision"].dropna()))),
         "ours_configs": int(raw["trial_id"].nunique()),
         "time_ratio": None if ratio is None else round(ratio, 3),
         "wall_ratio": round(ours["wall_s"] / kt_wall, 3),
