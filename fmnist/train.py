@@ -121,8 +121,9 @@ def resolve_precision(precision: str) -> str:
 
     auto is mixed_bfloat16 (bfloat16 compute, float32 weights and outputs) only where it was
     measured to pay off: TensorFlow with oneDNN on a CPU with bfloat16 instructions, where
-    one-thread epochs of the `cnn` space took 0.5-0.6x as long at the same accuracy
-    (bench/precision.py). Everywhere else, GPUs included (not measured), float32.
+    one-thread epochs of 8 `cnn` configs took 0.60-1.0x as long (median 0.726) and reached
+    the same validation accuracy within noise (bench/precision.py). Everywhere else, GPUs
+    included (not measured), float32.
     """
     if precision != "auto":
         return precision
