@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 from report import emit
-from searchbench import REPO, median
+from searchbench import median  # also puts the repository on sys.path
 
 POLICIES = ("float32", "mixed_bfloat16")
 
@@ -63,10 +63,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir")
     args = p.parse_args()
-    if args.configs < 1 or args.epochs < 2:
-        p.error("--configs must be >= 1 and --epochs >= 2 (epoch 1 is the first-epoch figure)")
+    if args.configs < 1 or args.epochs < 2 or args.threads < 1:
+        p.error("--configs and --threads must be >= 1, --epochs >= 2 (epoch 1 is the "
+                "first-epoch figure)")
 
-    sys.path.insert(0, str(REPO))
     from fmnist.data import load_splits
     from fmnist.train import bf16_cpu, configure_threads, resolve_precision
     from search.spaces import load_space
