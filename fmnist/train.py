@@ -131,11 +131,16 @@ def resolve_precision(precision: str) -> str:
         return "float32"
     if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() in ("0", "false", "no"):
         return "float32"  # bfloat16 kernels come from oneDNN
-    import tensorflow as tf  # device lists have no Keras API
-
-    if tf.config.list_physical_devices("GPU"):
+    if gpus_visible():
         return "float32"
     return "mixed_bfloat16" if bf16_cpu() else "float32"
+
+
+def gpus_visible() -> bool:
+    """Whether TensorFlow sees a GPU in this process."""
+    import tensorflow as tf  # device lists have no Keras API
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def build_with_precision(cfg: TrainConfig, policy: str) -> keras.Model:

@@ -132,18 +132,18 @@ def test_bf16_cpu_reads_the_flags_line():
 
 
 def test_auto_precision_is_bfloat16_only_on_a_bf16_cpu_with_onednn(monkeypatch):
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        pytest.skip("a GPU is visible: auto is float32 there, whatever the CPU")
     resolve = fmnist.train.resolve_precision
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    monkeypatch.setattr(fmnist.train, "gpus_visible", lambda: False)  # as on CI, even on a GPU box
     monkeypatch.setattr(fmnist.train, "bf16_cpu", lambda cpuinfo=None: True)
     assert resolve("auto") == "mixed_bfloat16"
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # bfloat16 kernels come from oneDNN
     assert resolve("auto") == "float32"
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
     assert resolve("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(fmnist.train, "gpus_visible", lambda: True)  # GPUs: not measured, float32
+    assert resolve("auto") == "float32"
+    monkeypatch.setattr(fmnist.train, "gpus_visible", lambda: False)
     monkeypatch.setattr(fmnist.train, "bf16_cpu", lambda cpuinfo=None: False)
     assert resolve("auto") == "float32"
     assert resolve("mixed_bfloat16") == "mixed_bfloat16" and resolve("float32") == "float32"
