@@ -7,6 +7,7 @@ before anything heavy starts. `fmnist.train` re-exports it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -22,6 +23,30 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 # auto: mixed_bfloat16 where it was measured to pay off (a CPU with bfloat16 instructions, on
 # TensorFlow), float32 everywhere else; fmnist.train.resolve_precision decides, in the trial.
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+
+
+def bf16_cpu(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16).
+
+    `cpuinfo` is the text of /proc/cpuinfo (read when not given). Other systems count as no:
+    without those instructions oneDNN emulates bfloat16, which is slower than float32.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
+    return False
+
+
+def onednn_disabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether TF_ENABLE_ONEDNN_OPTS turns oneDNN (TensorFlow's bfloat16 CPU kernels) off."""
+    value = (os.environ if environ is None else environ).get("TF_ENABLE_ONEDNN_OPTS", "1")
+    return value.strip().lower() in ("0", "false", "no")
 
 
 class ConfigError(ValueError):

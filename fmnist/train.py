@@ -23,7 +23,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from fmnist.config import METRIC, MODE, ConfigError, TrainConfig  # noqa: E402,F401
+from fmnist.config import METRIC, MODE, ConfigError, TrainConfig, bf16_cpu, onednn_disabled  # noqa: E402,F401
 from fmnist.data import DATA_KEYS  # noqa: E402
 from fmnist.models import build_model  # noqa: E402
 
@@ -99,23 +99,6 @@ def configure_threads(intra_op: int, inter_op: int) -> bool:
     return True
 
 
-def bf16_cpu(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16).
-
-    `cpuinfo` is the text of /proc/cpuinfo (read when not given). Other systems count as no:
-    without those instructions oneDNN emulates bfloat16, which is slower than float32.
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
-    return False
-
-
 def resolve_precision(precision: str) -> str:
     """The Keras dtype policy a run trains with: `precision`, with "auto" decided here.
 
@@ -129,7 +112,7 @@ def resolve_precision(precision: str) -> str:
         return precision
     if keras.backend.backend() != "tensorflow":
         return "float32"
-    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() in ("0", "false", "no"):
+    if onednn_disabled():
         return "float32"  # bfloat16 kernels come from oneDNN
     if gpus_visible():
         return "float32"

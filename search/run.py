@@ -32,7 +32,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 if str(ROOT) not in sys.path:  # `python search/run.py` from a checkout that is not installed
     sys.path.insert(0, str(ROOT))
 
-from fmnist.config import METRIC, MODE  # noqa: E402
+from fmnist.config import METRIC, MODE, bf16_cpu, onednn_disabled  # noqa: E402
 from fmnist.data import (  # noqa: E402
     DataError,
     Splits,
@@ -354,6 +354,28 @@ def concurrent_slots(a: argparse.Namespace, cpus: float, gpus: float | None = No
     return max(1, slots)
 
 
+def precision_plan(space: Space, a: argparse.Namespace) -> str:
+    """What the plan says about precision. `auto` is decided inside each trial
+    (fmnist.train.resolve_precision); this predicts it for the embedded local Ray."""
+    if "precision" in space.dists:
+        return "sampled per trial"
+    precision = space.fixed.get("precision", "auto")
+    if precision != "auto":
+        return f"{precision} (fixed)"
+    if a.address:
+        return ("auto: each node decides (mixed_bfloat16 on a CPU with bfloat16 instructions, "
+                "float32 elsewhere)")
+    if a.gpus_per_trial > 0:
+        return "auto: float32 (trials get a GPU)"
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return "auto: float32 (not the TensorFlow backend)"
+    if onednn_disabled():
+        return "auto: float32 (TF_ENABLE_ONEDNN_OPTS turns oneDNN off)"
+    if bf16_cpu():
+        return "auto: mixed_bfloat16 (this CPU has bfloat16 instructions)"
+    return "auto: float32 (this CPU has no bfloat16 instructions)"
+
+
 def describe(plan: Plan, cpus: float | None) -> str:
     a, s = plan.args, plan.space
     lines = [f"space {s.name} ({s.source}): {len(s.dists)} sampled, {len(s.fixed)} fixed"]
@@ -389,6 +411,7 @@ def describe(plan: Plan, cpus: float | None) -> str:
     where = a.address or f"embedded local Ray ({cpus:g} CPUs)"
     lines.append(f"resources: {a.cpus_per_trial:g} CPU, {a.gpus_per_trial:g} GPU per trial; "
                  f"up to {slots} concurrent on {where}")
+    lines.append(f"precision: {precision_plan(s, a)}")
     lines.append(f"results: {plan.store.uri()}")
     return "\n".join(lines)
 

@@ -59,8 +59,9 @@ def test_scheduler_searcher_pair_end_to_end(ray_session, tiny_data_dir, tiny_spa
 def test_parquet_columns_and_types(ray_session, tiny_data_dir, tiny_space, tmp_path):
     stops = (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)
     before = {sig: signal.getsignal(sig) for sig in stops}
+    out = io.StringIO()
     code = run.main(search_args(tiny_data_dir, tiny_space, tmp_path, "types", "--num-samples",
-                                "2", "--scheduler", "fifo"), out=io.StringIO())
+                                "2", "--scheduler", "fifo"), out=out)
     assert code == 0
     # Tune's and the recorder's handlers are gone: the caller's next Ctrl+C is its own.
     assert {sig: signal.getsignal(sig) for sig in stops} == before
@@ -82,6 +83,8 @@ def test_parquet_columns_and_types(ray_session, tiny_data_dir, tiny_space, tmp_p
     from fmnist.train import resolve_precision
 
     assert set(epochs.column("precision").to_pylist()) == {resolve_precision("auto")}
+    # and the plan, printed before any trial ran, said which
+    assert f"precision: auto: {resolve_precision('auto')} (" in out.getvalue()
     trials = pq.read_table(folder / "trials")
     assert set(trials.column("precision").to_pylist()) == {resolve_precision("auto")}
     types = {f.name: f.type for f in trials.schema}
@@ -131,7 +134,12 @@ def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
     assert "NO_RAY" in text
     assert "rungs at epochs 1, 3" in text and "9 samples x 1 grid points = 9 trials" in text
     assert "at most 81 trial-epochs" in text and "learning_rate" in text
+    assert "\nprecision: auto: " in text
     assert not (tmp_path / "plan").exists()
+    fixed = _run_cli("--space", "vgg", "--data-dir", str(tiny_data_dir), "--val-size", "100",
+                     "--train-size", "300", "--set", "precision=float32", "--dry-run")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "\nprecision: float32 (fixed)\n" in fixed.stdout
 
 
 def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
