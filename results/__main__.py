@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from fmnist.config import PRECISIONS
 from fmnist.data import DataError, folder_problem
 from results import leaderboard as lb
 from results.store import StoreError
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--top", type=int, default=1, help="evaluate the best K configurations")
     final.add_argument("--seeds", type=int, default=3, help="retraining seeds (3)")
     final.add_argument("--data-dir", help="where the data is now, if it moved since the search")
+    final.add_argument("--precision", default="recorded", choices=("recorded", *PRECISIONS),
+                       help="retrain with what the search recorded (default), or with this")
     return p
 
 
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
 
             try:
                 run_final(args.run, args.trial, args.top, args.seeds, args.data_dir, out=out,
-                          argv=argv)
+                          argv=argv, precision=args.precision)
             except FinalError as exc:
                 raise UsageError(str(exc)) from None
             return 0

@@ -57,7 +57,9 @@ def experiment_splits(experiment: dict[str, Any], data_dir: str | None = None):
                        seed=int(experiment["split_seed"]))
 
 
-def config_for(trial: pd.Series):
+def config_for(trial: pd.Series, precision: str = "recorded"):
+    """The trial's TrainConfig. precision "recorded": what the search trained it with (the
+    space's value, else the trial's recorded `precision`); otherwise that value."""
     from fmnist.train import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
@@ -65,14 +67,27 @@ def config_for(trial: pd.Series):
               and k not in RUNTIME_KEYS}
     values["epochs"] = int(trial["epochs"])
     recorded = trial.get("precision")  # what the search trained with, where it was recorded
-    if "precision" not in values and isinstance(recorded, str) and recorded:
+    if precision != "recorded":
+        values["precision"] = precision
+    elif "precision" not in values and isinstance(recorded, str) and recorded:
         values["precision"] = recorded
     return TrainConfig.from_dict(values)
 
 
+def slow_precision_note(cfg) -> str | None:
+    """A line for a retrain in bfloat16 on a CPU without bfloat16 instructions, or None."""
+    from fmnist.config import bf16_cpu
+
+    if cfg.precision != "mixed_bfloat16" or bf16_cpu():
+        return None
+    return ("note: the search trained this config in mixed_bfloat16, and this CPU has no "
+            "bfloat16 instructions, so retraining it that way is emulated and slow; "
+            "--precision float32 retrains in float32")
+
+
 def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int = 3,
-              data_dir: str | None = None, out=None, argv: list[str] | None = None
-              ) -> dict[str, Any]:
+              data_dir: str | None = None, out=None, argv: list[str] | None = None,
+              precision: str = "recorded") -> dict[str, Any]:
     """Retrain, test, and write final/ (final.parquet, model.keras, report.md, PNGs)."""
     out = out or sys.stdout
     store = open_experiment(path)
@@ -103,7 +118,10 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
     rows, per_class, saved = [], [], None
     for trial in chosen.itertuples(index=False):
         trial = pd.Series(trial._asdict())
-        base = config_for(trial)
+        base = config_for(trial, precision)
+        note = slow_precision_note(base)
+        if note:
+            print(note, file=out, flush=True)
         for s in range(seeds):
             cfg = base.replace(seed=base.seed + s)
             print(f"trial {trial['trial_id']} (rank {trial['rank']}), seed {s + 1}/{seeds}: "

@@ -169,6 +169,23 @@ def test_final_retrains_with_the_precision_the_search_recorded():
     # a precision the space fixed or searched is a parameter, and wins
     fixed = pd.concat([trial, pd.Series({"params_precision": "float32"})])
     assert config_for(fixed).precision == "float32"
+    # unless `final --precision` names one
+    assert config_for(trial, "float32").precision == "float32"
+    assert config_for(fixed, "mixed_bfloat16").precision == "mixed_bfloat16"
+    assert config_for(trial, "auto").precision == "auto"
+
+
+def test_final_says_when_a_bfloat16_retrain_will_be_emulated(monkeypatch):
+    import fmnist.config
+    from results.final import config_for, slow_precision_note
+
+    trial = pd.Series({"trial_id": "t1", "epochs": 2, "params_model": "cnn",
+                       "precision": "mixed_bfloat16"})
+    monkeypatch.setattr(fmnist.config, "bf16_cpu", lambda cpuinfo=None: False)
+    assert "--precision float32" in slow_precision_note(config_for(trial))
+    assert slow_precision_note(config_for(trial, "float32")) is None
+    monkeypatch.setattr(fmnist.config, "bf16_cpu", lambda cpuinfo=None: True)
+    assert slow_precision_note(config_for(trial)) is None
 
 
 def test_cli_leaderboard_formats(two, tmp_path):

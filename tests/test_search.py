@@ -298,6 +298,17 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
     for needle in ("Test accuracy", "![confusion matrix](confusion_matrix.png)",
                    "trial-epochs run", "fingerprint", "search/run.py", "-m results final"):
         assert needle in report, needle
+    # --precision retrains the other way; bfloat16 on a CPU without it says it will be slow
+    other = "float32" if best["precision"] == "mixed_bfloat16" else "mixed_bfloat16"
+    out = io.StringIO()
+    assert results_main(["final", str(tmp_path / "final"), "--seeds", "1", "--precision",
+                         other], out=out) == 0
+    assert set(pq.read_table(folder / "final.parquet").column("precision").to_pylist()) == {
+        other}
+    from fmnist.config import bf16_cpu
+
+    slow = other == "mixed_bfloat16" and not bf16_cpu()
+    assert ("no bfloat16 instructions" in out.getvalue()) == slow
 
 
 def test_failing_trials_are_recorded_and_final_refuses(ray_session, tiny_data_dir, tmp_path):
