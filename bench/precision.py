@@ -11,7 +11,10 @@ other (the order alternates between configs), with `--threads` threads (1, as a 
 Reported per config and as medians over configs: the steady epoch time (median of epochs 2 on)
 as wall and as the process's CPU time (which another tenant's load moves less), the first
 epoch's time (model build and tracing), and the best and last validation accuracy. The ratios
-are bfloat16 over float32; the accuracy differences are bfloat16 minus float32, in points.
+are bfloat16 over float32; the accuracy differences are bfloat16 minus float32, in points: at
+equal epochs (best and last), and at equal time (bfloat16's best against float32's best among
+the epochs that had ended when bfloat16 had trained all of its; both on the same configured
+schedule). Each side's per-epoch validation accuracy and epoch times are in the JSON.
 Prints one JSON line, appended to bench/results/precision.jsonl.
 """
 
@@ -49,7 +52,19 @@ def train_once(cfg, data, epochs: int) -> dict:
     return {"precision": run.precision, "first_s": wall[0],
             "epoch_s": statistics.median(wall[1:] or wall),
             "epoch_cpu_s": statistics.median(cpu[1:] or cpu),
-            "best": max(acc), "last": acc[-1]}
+            "best": max(acc), "last": acc[-1], "curve": acc, "epoch_times": wall}
+
+
+def best_by(result: dict, seconds: float) -> float | None:
+    """The best validation accuracy among the epochs that had ended `seconds` into training."""
+    ended = np.cumsum(result["epoch_times"])
+    reached = [a for a, t in zip(result["curve"], ended, strict=True) if t <= seconds + 1e-9]
+    return max(reached) if reached else None
+
+
+def rounded(result: dict) -> dict:
+    return {k: ([round(x, 4) for x in v] if isinstance(v, list) else round(v, 4))
+            for k, v in result.items() if k != "precision"}
 
 
 def main() -> None:
@@ -89,13 +104,16 @@ def main() -> None:
         f, b = got["float32"], got["mixed_bfloat16"]
         row = {"config": {k: (round(v, 6) if isinstance(v, float) else v)
                           for k, v in sampled.items() if k in space.dists},
-               "float32": {k: round(v, 4) for k, v in f.items() if k != "precision"},
-               "mixed_bfloat16": {k: round(v, 4) for k, v in b.items() if k != "precision"},
+               "float32": rounded(f), "mixed_bfloat16": rounded(b),
                "epoch_ratio": round(b["epoch_s"] / f["epoch_s"], 3),
                "epoch_cpu_ratio": round(b["epoch_cpu_s"] / f["epoch_cpu_s"], 3),
                "first_ratio": round(b["first_s"] / f["first_s"], 3),
                "best_diff_points": round(100 * (b["best"] - f["best"]), 2),
                "last_diff_points": round(100 * (b["last"] - f["last"]), 2)}
+        # equal time: float32's best by the time bfloat16 had ended all its epochs
+        f_then = best_by(f, sum(b["epoch_times"]))
+        row["equal_time_diff_points"] = (None if f_then is None
+                                         else round(100 * (b["best"] - f_then), 2))
         rows.append(row)
         print(f"config {i + 1}/{args.configs}: epoch {f['epoch_s']:.2f} -> {b['epoch_s']:.2f} s "
               f"({row['epoch_ratio']}), best {f['best']:.4f} -> {b['best']:.4f}",
@@ -113,6 +131,7 @@ def main() -> None:
         "median_best_diff_points": median(diffs, 2),
         "mean_best_diff_points": round(statistics.mean(diffs), 2),
         "bf16_best_higher": sum(d > 0 for d in diffs), "bf16_best_lower": sum(d < 0 for d in diffs),
+        "median_equal_time_diff_points": median([r["equal_time_diff_points"] for r in rows], 2),
         "machine": platform.machine(), "cpus": os.cpu_count(), "time": time.time(),
     })
 
