@@ -23,7 +23,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from fmnist.config import METRIC, MODE, ConfigError, TrainConfig, bf16_cpu, onednn_disabled  # noqa: E402,F401
+from fmnist.config import (  # noqa: E402,F401
+    METRIC,
+    MODE,
+    ConfigError,
+    TrainConfig,
+    bf16_cpu,
+    onednn_disabled,
+)
 from fmnist.data import DATA_KEYS  # noqa: E402
 from fmnist.models import build_model  # noqa: E402
 

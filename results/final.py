@@ -80,9 +80,8 @@ def slow_precision_note(cfg) -> str | None:
 
     if cfg.precision != "mixed_bfloat16" or bf16_cpu():
         return None
-    return ("note: the search trained this config in mixed_bfloat16, and this CPU has no "
-            "bfloat16 instructions, so retraining it that way is emulated and slow; "
-            "--precision float32 retrains in float32")
+    return ("note: retraining in mixed_bfloat16 on this CPU, which has no bfloat16 "
+            "instructions: emulated and slow; --precision float32 retrains in float32")
 
 
 def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int = 3,
