@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -62,6 +63,10 @@ def best_by(result: dict, seconds: float) -> float | None:
     return max(reached) if reached else None
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def rounded(result: dict) -> dict:
     return {k: ([round(x, 4) for x in v] if isinstance(v, list) else round(v, 4))
             for k, v in result.items() if k != "precision"}
@@ -92,35 +97,44 @@ def main() -> None:
                        seed=0)
     rng = np.random.default_rng(args.seed)
     rows = []
-    for i in range(args.configs):
-        sampled = space.sample(rng)
-        base = space.config(sampled).replace(epochs=args.epochs, seed=args.seed)
-        got = {}
-        for policy in (POLICIES if i % 2 == 0 else POLICIES[::-1]):
-            got[policy] = train_once(base.replace(precision=policy), data, args.epochs)
-            if got[policy]["precision"] != policy:
-                raise SystemExit(f"asked for {policy}, the model computed in "
-                                 f"{got[policy]['precision']}")
-        f, b = got["float32"], got["mixed_bfloat16"]
-        row = {"config": {k: (round(v, 6) if isinstance(v, float) else v)
-                          for k, v in sampled.items() if k in space.dists},
-               "float32": rounded(f), "mixed_bfloat16": rounded(b),
-               "epoch_ratio": round(b["epoch_s"] / f["epoch_s"], 3),
-               "epoch_cpu_ratio": round(b["epoch_cpu_s"] / f["epoch_cpu_s"], 3),
-               "first_ratio": round(b["first_s"] / f["first_s"], 3),
-               "best_diff_points": round(100 * (b["best"] - f["best"]), 2),
-               "last_diff_points": round(100 * (b["last"] - f["last"]), 2)}
-        # equal time: float32's best by the time bfloat16 had ended all its epochs
-        f_then = best_by(f, sum(b["epoch_times"]))
-        row["equal_time_diff_points"] = (None if f_then is None
-                                         else round(100 * (b["best"] - f_then), 2))
-        rows.append(row)
-        print(f"config {i + 1}/{args.configs}: epoch {f['epoch_s']:.2f} -> {b['epoch_s']:.2f} s "
-              f"({row['epoch_ratio']}), best {f['best']:.4f} -> {b['best']:.4f}",
-              file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` and schedulers send SIGTERM
+    interrupted = False
+    try:
+        for i in range(args.configs):
+            sampled = space.sample(rng)
+            base = space.config(sampled).replace(epochs=args.epochs, seed=args.seed)
+            got = {}
+            for policy in (POLICIES if i % 2 == 0 else POLICIES[::-1]):
+                got[policy] = train_once(base.replace(precision=policy), data, args.epochs)
+                if got[policy]["precision"] != policy:
+                    raise SystemExit(f"asked for {policy}, the model computed in "
+                                     f"{got[policy]['precision']}")
+            f, b = got["float32"], got["mixed_bfloat16"]
+            row = {"config": {k: (round(v, 6) if isinstance(v, float) else v)
+                              for k, v in sampled.items() if k in space.dists},
+                   "float32": rounded(f), "mixed_bfloat16": rounded(b),
+                   "epoch_ratio": round(b["epoch_s"] / f["epoch_s"], 3),
+                   "epoch_cpu_ratio": round(b["epoch_cpu_s"] / f["epoch_cpu_s"], 3),
+                   "first_ratio": round(b["first_s"] / f["first_s"], 3),
+                   "best_diff_points": round(100 * (b["best"] - f["best"]), 2),
+                   "last_diff_points": round(100 * (b["last"] - f["last"]), 2)}
+            # equal time: float32's best by the time bfloat16 had ended all its epochs
+            f_then = best_by(f, sum(b["epoch_times"]))
+            row["equal_time_diff_points"] = (None if f_then is None
+                                             else round(100 * (b["best"] - f_then), 2))
+            rows.append(row)
+            print(f"config {i + 1}/{args.configs}: epoch {f['epoch_s']:.2f} -> "
+                  f"{b['epoch_s']:.2f} s ({row['epoch_ratio']}), best {f['best']:.4f} -> "
+                  f"{b['best']:.4f}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # keep the configs that finished: they are measured
+        interrupted = True
+        print(f"interrupted: {len(rows)} of {args.configs} configs done", file=sys.stderr)
+    if not rows:
+        raise SystemExit("no config finished both ways: nothing to report")
     diffs = [r["best_diff_points"] for r in rows]
     emit("precision", {
-        "bench": "precision", "space": args.space, "configs": args.configs,
+        "bench": "precision", "space": args.space, "configs": len(rows),
+        "configs_asked": args.configs, "interrupted": interrupted,
         "epochs": args.epochs, "train": args.train_size, "val": args.val_size,
         "threads": args.threads, "seed": args.seed,
         "auto_here": resolve_precision("auto"), "bf16_cpu": bf16_cpu(),
