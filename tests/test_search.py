@@ -56,7 +56,8 @@ def test_scheduler_searcher_pair_end_to_end(ray_session, tiny_data_dir, tiny_spa
     assert "Top 4 of 4 trials" in out.getvalue()
 
 
-def test_parquet_columns_and_types(ray_session, tiny_data_dir, tiny_space, tmp_path):
+def test_parquet_columns_and_types(ray_session, tiny_data_dir, tiny_space, tmp_path,
+                                   monkeypatch):
     stops = (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)
     before = {sig: signal.getsignal(sig) for sig in stops}
     out = io.StringIO()
@@ -79,14 +80,17 @@ def test_parquet_columns_and_types(ray_session, tiny_data_dir, tiny_space, tmp_p
     assert epochs.num_rows == 4
     assert set(epochs.column("node").to_pylist()) == {ray_session.get_runtime_context()
                                                      .get_node_id()}
-    # the space leaves precision at auto: each trial resolves it and records what it used
-    from fmnist.train import resolve_precision
+    # the space leaves precision at auto: each trial resolves it and records what it used.
+    # A trial that asks for no GPU sees none (Ray hides them), so auto is the CPU's choice.
+    import fmnist.train
 
-    assert set(epochs.column("precision").to_pylist()) == {resolve_precision("auto")}
+    monkeypatch.setattr(fmnist.train, "gpus_visible", lambda: False)
+    auto = fmnist.train.resolve_precision("auto")
+    assert set(epochs.column("precision").to_pylist()) == {auto}
     # and the plan, printed before any trial ran, said which
-    assert f"precision: auto: {resolve_precision('auto')} (" in out.getvalue()
+    assert f"precision: auto: {auto} (" in out.getvalue()
     trials = pq.read_table(folder / "trials")
-    assert set(trials.column("precision").to_pylist()) == {resolve_precision("auto")}
+    assert set(trials.column("precision").to_pylist()) == {auto}
     types = {f.name: f.type for f in trials.schema}
     for name, type_ in TRIAL_COLUMNS:
         assert types[name] == type_, name
