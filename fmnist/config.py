@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -43,10 +43,23 @@ def bf16_cpu(cpuinfo: str | None = None) -> bool:
     return False
 
 
-def onednn_disabled(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether TF_ENABLE_ONEDNN_OPTS turns oneDNN (TensorFlow's bfloat16 CPU kernels) off."""
-    value = (os.environ if environ is None else environ).get("TF_ENABLE_ONEDNN_OPTS", "1")
-    return value.strip().lower() in ("0", "false", "no")
+def auto_precision(backend: str, gpu: Callable[[], bool],
+                   bf16: Callable[[], bool] = bf16_cpu) -> tuple[str, str]:
+    """What precision "auto" trains with, and why: mixed_bfloat16 only where it was measured to
+    pay off (TensorFlow with oneDNN, no GPU, a CPU with bfloat16 instructions), else float32.
+
+    `gpu` and `bf16` are asked only when the answer still depends on them (a GPU check may
+    import TensorFlow). fmnist.train decides in the trial; search/run.py predicts for its plan.
+    """
+    if backend != "tensorflow":
+        return "float32", "not the TensorFlow backend"
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() in ("0", "false", "no"):
+        return "float32", "TF_ENABLE_ONEDNN_OPTS turns oneDNN off"  # it has the bf16 kernels
+    if gpu():
+        return "float32", "a GPU; bfloat16 not measured there"
+    if bf16():
+        return "mixed_bfloat16", "this CPU has bfloat16 instructions"
+    return "float32", "this CPU has no bfloat16 instructions"
 
 
 class ConfigError(ValueError):

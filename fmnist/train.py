@@ -28,8 +28,8 @@ from fmnist.config import (  # noqa: E402,F401
     MODE,
     ConfigError,
     TrainConfig,
+    auto_precision,
     bf16_cpu,
-    onednn_disabled,
 )
 from fmnist.data import DATA_KEYS  # noqa: E402
 from fmnist.models import build_model  # noqa: E402
@@ -117,13 +117,7 @@ def resolve_precision(precision: str) -> str:
     """
     if precision != "auto":
         return precision
-    if keras.backend.backend() != "tensorflow":
-        return "float32"
-    if onednn_disabled():
-        return "float32"  # bfloat16 kernels come from oneDNN
-    if gpus_visible():
-        return "float32"
-    return "mixed_bfloat16" if bf16_cpu() else "float32"
+    return auto_precision(keras.backend.backend(), gpus_visible, bf16_cpu)[0]
 
 
 def gpus_visible() -> bool:

@@ -32,7 +32,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 if str(ROOT) not in sys.path:  # `python search/run.py` from a checkout that is not installed
     sys.path.insert(0, str(ROOT))
 
-from fmnist.config import METRIC, MODE, bf16_cpu, onednn_disabled  # noqa: E402
+from fmnist.config import METRIC, MODE, auto_precision  # noqa: E402
 from fmnist.data import (  # noqa: E402
     DataError,
     Splits,
@@ -365,15 +365,9 @@ def precision_plan(space: Space, a: argparse.Namespace) -> str:
     if a.address:
         return ("auto: each node decides (mixed_bfloat16 on a CPU with bfloat16 instructions, "
                 "float32 elsewhere)")
-    if a.gpus_per_trial > 0:
-        return "auto: float32 (trials get a GPU)"
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        return "auto: float32 (not the TensorFlow backend)"
-    if onednn_disabled():
-        return "auto: float32 (TF_ENABLE_ONEDNN_OPTS turns oneDNN off)"
-    if bf16_cpu():
-        return "auto: mixed_bfloat16 (this CPU has bfloat16 instructions)"
-    return "auto: float32 (this CPU has no bfloat16 instructions)"
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    policy, why = auto_precision(backend, lambda: a.gpus_per_trial > 0)
+    return f"auto: {policy} ({why})"
 
 
 def describe(plan: Plan, cpus: float | None) -> str:
