@@ -7,6 +7,7 @@ before anything heavy starts. `fmnist.train` re-exports it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import typing
 from collections.abc import Callable, Mapping
@@ -41,6 +42,27 @@ def bf16_cpu(cpuinfo: str | None = None) -> bool:
         if line.startswith("flags"):
             return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
     return False
+
+
+def keras_backend(environ: Mapping[str, str] | None = None) -> str:
+    """The backend `import keras` will load, found as Keras finds it, without importing it:
+    `KERAS_BACKEND` when set and not empty, else "backend" in `keras.json` under `KERAS_HOME`
+    (or `~/.keras`, `/tmp/.keras` when home is not writable), else tensorflow."""
+    environ = os.environ if environ is None else environ
+    if environ.get("KERAS_BACKEND"):
+        return environ["KERAS_BACKEND"]
+    if "KERAS_HOME" in environ:
+        home = environ["KERAS_HOME"]
+    else:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    try:
+        with open(os.path.join(os.path.expanduser(home), "keras.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):  # no file, or one Keras too ignores (not JSON)
+        return "tensorflow"
+    backend = config.get("backend", "tensorflow") if isinstance(config, dict) else "tensorflow"
+    return str(backend)
 
 
 def auto_precision(backend: str, gpu: Callable[[], bool],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -32,7 +33,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 if str(ROOT) not in sys.path:  # `python search/run.py` from a checkout that is not installed
     sys.path.insert(0, str(ROOT))
 
-from fmnist.config import METRIC, MODE, auto_precision  # noqa: E402
+from fmnist.config import METRIC, MODE, auto_precision, keras_backend  # noqa: E402
 from fmnist.data import (  # noqa: E402
     DataError,
     Splits,
@@ -301,6 +302,8 @@ def resolve(argv: list[str]) -> Plan:
         raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: this machine has "
                          f"{os.cpu_count() or 1} CPUs, so no trial could start on the embedded "
                          "Ray; use --address for a cluster")
+    if not args.address:  # a cluster's nodes have their own environments
+        check_keras_backend()
     overrides = dict(parse_override(s) for s in args.set)
     space = load_space(args.space, overrides)
     if args.max_epochs is None:
@@ -354,6 +357,22 @@ def concurrent_slots(a: argparse.Namespace, cpus: float, gpus: float | None = No
     return max(1, slots)
 
 
+TRAINING_BACKENDS = ("tensorflow", "jax", "torch")  # Keras 3's numpy and openvino only infer
+
+
+def check_keras_backend() -> None:
+    """Refuse a Keras backend the trials could not train with, before Ray starts: else every
+    trial would fail on `import keras` or on `fit`. Found as Keras finds it, not imported."""
+    backend = keras_backend()
+    where = "KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else "keras.json"
+    if backend not in TRAINING_BACKENDS:
+        raise UsageError(f"Keras backend {backend!r} (from {where}) cannot train models here; "
+                         f"use one of {', '.join(TRAINING_BACKENDS)}")
+    if importlib.util.find_spec(backend) is None:
+        raise UsageError(f"Keras backend {backend!r} (from {where}) is not installed here, so no "
+                         "trial could import Keras; install it or use KERAS_BACKEND=tensorflow")
+
+
 def precision_plan(space: Space, a: argparse.Namespace) -> str:
     """What the plan says about precision. `auto` is decided inside each trial
     (fmnist.train.resolve_precision); this predicts it for the embedded local Ray."""
@@ -365,8 +384,7 @@ def precision_plan(space: Space, a: argparse.Namespace) -> str:
     if a.address:
         return ("auto: each node decides (mixed_bfloat16 on a CPU with bfloat16 instructions, "
                 "float32 elsewhere)")
-    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
-    policy, why = auto_precision(backend, lambda: a.gpus_per_trial > 0)
+    policy, why = auto_precision(keras_backend(), lambda: a.gpus_per_trial > 0)
     return f"auto: {policy} ({why})"
 
 

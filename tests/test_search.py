@@ -1,6 +1,8 @@
 """End-to-end searches on a real local Ray with tiny data and tiny models."""
 
+import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -16,6 +18,7 @@ import pytest
 from fmnist.data import digest_arrays, load_splits, load_test
 from results.store import EPOCH_SCHEMA, TRIAL_COLUMNS, ExperimentStore
 from search import run
+from search.spaces import load_space
 from tests.conftest import REPO, search_args, write_dataset
 
 SCHEDULERS = ["asha", "hyperband", "median", "fifo"]
@@ -117,7 +120,7 @@ def test_trials_never_receive_test_images(ray_session, tiny_data_dir, tiny_space
     assert digest_arrays(split.arrays()) == digest_arrays(payload)
 
 
-def _run_cli(*argv, timeout=120):
+def _run_cli(*argv, timeout=120, env=None):
     """Run the CLI in a fresh interpreter; report whether Ray was imported at all."""
     code = ("import sys; sys.argv = ['search/run.py', *sys.argv[1:]]\n"
             "from search import run\n"
@@ -126,7 +129,7 @@ def _run_cli(*argv, timeout=120):
             "print('TF_IMPORTED' if 'tensorflow' in sys.modules else 'NO_TF')\n"
             "sys.exit(rc)\n")
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
@@ -144,6 +147,17 @@ def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
                      "--train-size", "300", "--set", "precision=float32", "--dry-run")
     assert fixed.returncode == 0, fixed.stderr
     assert "\nprecision: float32 (fixed)\n" in fixed.stdout
+
+
+def test_the_plan_reads_the_backend_from_keras_json(tmp_path, monkeypatch):
+    # Keras reads keras.json when KERAS_BACKEND is not set; the plan's precision line does too.
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')
+    a = argparse.Namespace(address=None, gpus_per_trial=0)
+    assert run.precision_plan(load_space("cnn"), a) == "auto: float32 (not the TensorFlow backend)"
+    (tmp_path / "keras.json").write_text('{"backend": "tensorflow"}')
+    assert run.precision_plan(load_space("cnn"), a) != "auto: float32 (not the TensorFlow backend)"
 
 
 def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
@@ -211,6 +225,30 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data_dir, argv, match):
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
     assert "NO_RAY" in out.stdout
     assert not (tmp_path / "runs").exists() and not (tmp_path / "outside").exists()
+
+
+def test_a_keras_backend_the_trials_cannot_import_is_one_line_before_ray(tmp_path,
+                                                                        tiny_data_dir):
+    # Else every trial would fail on `import keras`, after Ray had started and results were made.
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    missing = next((b for b in ("jax", "torch", "openvino") if importlib.util.find_spec(b) is None),
+                   None)
+    (tmp_path / "keras.json").write_text('{"backend": "tensorflow"}')
+    cases = [({"KERAS_BACKEND": "tensorflw"}, "Keras backend 'tensorflw' (from KERAS_BACKEND) "
+              "cannot train models here; use one of tensorflow, jax, torch"),
+             ({"KERAS_BACKEND": "numpy"}, "Keras backend 'numpy' (from KERAS_BACKEND) cannot "
+              "train")]
+    if missing:  # from keras.json, as Keras reads it when KERAS_BACKEND is not set
+        (tmp_path / "keras.json").write_text(f'{{"backend": "{missing}"}}')
+        cases.append(({}, f"Keras backend '{missing}' (from keras.json) is not installed here"))
+    for extra, match in cases:
+        out = _run_cli("--space", "mlp", "--data-dir", str(tiny_data_dir), "--val-size", "100",
+                       "--storage", str(tmp_path / "runs"),
+                       env={**env, "KERAS_HOME": str(tmp_path), **extra})
+        assert out.returncode == 2, out.stdout + out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
+        assert "NO_RAY" in out.stdout and not (tmp_path / "runs").exists()
 
 
 def test_resume_from_another_folder_with_relative_space_and_data(

@@ -1,4 +1,5 @@
 import math
+import os
 import subprocess
 import sys
 
@@ -147,6 +148,25 @@ def test_auto_precision_is_bfloat16_only_on_a_bf16_cpu_with_onednn(monkeypatch):
     monkeypatch.setattr(fmnist.train, "bf16_cpu", lambda cpuinfo=None: False)
     assert resolve("auto") == "float32"
     assert resolve("mixed_bfloat16") == "mixed_bfloat16" and resolve("float32") == "float32"
+
+
+def test_keras_backend_is_found_as_keras_finds_it(tmp_path):
+    from fmnist.config import keras_backend
+
+    home = {"KERAS_HOME": str(tmp_path)}
+    assert keras_backend(home) == "tensorflow"  # no keras.json
+    (tmp_path / "keras.json").write_text('{"floatx": "float32", "backend": "jax"}')
+    assert keras_backend(home) == "jax"
+    assert keras_backend({**home, "KERAS_BACKEND": ""}) == "jax"  # empty: Keras ignores it too
+    assert keras_backend({**home, "KERAS_BACKEND": "tensorflow"}) == "tensorflow"
+    (tmp_path / "keras.json").write_text("{not json")
+    assert keras_backend(home) == "tensorflow"
+    # Keras itself, pointed at the same file, loads the backend it names (or fails on its import)
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", "import keras; print(keras.backend.backend())"],
+                         env={**env, **home}, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "jax" or "No module named 'jax'" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
