@@ -65,6 +65,27 @@ def keras_backend(environ: Mapping[str, str] | None = None) -> str:
     return str(backend)
 
 
+TRAINING_BACKENDS = ("tensorflow", "jax", "torch")  # Keras 3's numpy and openvino only infer
+
+
+def keras_backend_problem(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why Keras could not train here with the backend it would load, or None. Checked without
+    importing Keras, so a wrong backend is one line before anything starts, not a traceback
+    (or, in a search, every trial failing on `import keras`)."""
+    import importlib.util
+
+    environ = os.environ if environ is None else environ
+    backend = keras_backend(environ)
+    where = "KERAS_BACKEND" if environ.get("KERAS_BACKEND") else "keras.json"
+    if backend not in TRAINING_BACKENDS:
+        return (f"Keras backend {backend!r} (from {where}) cannot train models here; use one of "
+                f"{', '.join(TRAINING_BACKENDS)}")
+    if importlib.util.find_spec(backend) is None:
+        return (f"Keras backend {backend!r} (from {where}) is not installed here; install it or "
+                "use KERAS_BACKEND=tensorflow")
+    return None
+
+
 def auto_precision(backend: str, gpu: Callable[[], bool],
                    bf16: Callable[[], bool] = bf16_cpu) -> tuple[str, str]:
     """What precision "auto" trains with, and why: mixed_bfloat16 only where it was measured to

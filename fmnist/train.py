@@ -19,6 +19,13 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 
+if __name__ == "__main__":  # the CLI: a backend Keras cannot load is one line, not a traceback
+    from fmnist.config import keras_backend_problem
+
+    if _problem := keras_backend_problem():
+        print(f"error: {_problem}", file=sys.stderr)
+        sys.exit(2)
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402

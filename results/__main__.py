@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from fmnist.config import PRECISIONS
+from fmnist.config import PRECISIONS, keras_backend_problem
 from fmnist.data import DataError, folder_problem
 from results import leaderboard as lb
 from results.store import StoreError
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None, out=None) -> int:
             if problem:
                 raise UsageError(f"--out {out_path}: {problem}")
         if args.command == "final":
+            problem = keras_backend_problem()  # final trains: Keras must be able to
+            if problem:
+                raise UsageError(problem)
             from results.final import FinalError, run_final
 
             try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -33,7 +32,13 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 if str(ROOT) not in sys.path:  # `python search/run.py` from a checkout that is not installed
     sys.path.insert(0, str(ROOT))
 
-from fmnist.config import METRIC, MODE, auto_precision, keras_backend  # noqa: E402
+from fmnist.config import (  # noqa: E402
+    METRIC,
+    MODE,
+    auto_precision,
+    keras_backend,
+    keras_backend_problem,
+)
 from fmnist.data import (  # noqa: E402
     DataError,
     Splits,
@@ -302,8 +307,9 @@ def resolve(argv: list[str]) -> Plan:
         raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: this machine has "
                          f"{os.cpu_count() or 1} CPUs, so no trial could start on the embedded "
                          "Ray; use --address for a cluster")
-    if not args.address:  # a cluster's nodes have their own environments
-        check_keras_backend()
+    problem = None if args.address else keras_backend_problem()  # a cluster's nodes differ
+    if problem:
+        raise UsageError(f"{problem} (the trials import Keras)")
     overrides = dict(parse_override(s) for s in args.set)
     space = load_space(args.space, overrides)
     if args.max_epochs is None:
@@ -355,22 +361,6 @@ def concurrent_slots(a: argparse.Namespace, cpus: float, gpus: float | None = No
     if a.max_concurrent:
         slots = min(slots, a.max_concurrent)
     return max(1, slots)
-
-
-TRAINING_BACKENDS = ("tensorflow", "jax", "torch")  # Keras 3's numpy and openvino only infer
-
-
-def check_keras_backend() -> None:
-    """Refuse a Keras backend the trials could not train with, before Ray starts: else every
-    trial would fail on `import keras` or on `fit`. Found as Keras finds it, not imported."""
-    backend = keras_backend()
-    where = "KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else "keras.json"
-    if backend not in TRAINING_BACKENDS:
-        raise UsageError(f"Keras backend {backend!r} (from {where}) cannot train models here; "
-                         f"use one of {', '.join(TRAINING_BACKENDS)}")
-    if importlib.util.find_spec(backend) is None:
-        raise UsageError(f"Keras backend {backend!r} (from {where}) is not installed here, so no "
-                         "trial could import Keras; install it or use KERAS_BACKEND=tensorflow")
 
 
 def precision_plan(space: Space, a: argparse.Namespace) -> str:

@@ -169,6 +169,20 @@ def test_keras_backend_is_found_as_keras_finds_it(tmp_path):
     assert out.stdout.strip() == "jax" or "No module named 'jax'" in out.stderr, out.stderr
 
 
+def test_a_backend_keras_cannot_train_with_is_one_line_in_each_cli(tiny_data_dir, tmp_path):
+    from fmnist.config import keras_backend_problem
+
+    assert keras_backend_problem({"KERAS_BACKEND": "tensorflow"}) is None
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    want = ("error: Keras backend 'numpy' (from KERAS_BACKEND) cannot train models here; use one "
+            "of tensorflow, jax, torch")
+    for argv in (["fmnist.train", "--data-dir", str(tiny_data_dir), "--model", "mlp"],
+                 ["results", "final", str(tmp_path)]):
+        out = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, capture_output=True,
+                             text=True, timeout=120, env={**env, "KERAS_BACKEND": "numpy"})
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [want], out.stderr
+
+
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
 def test_precision_sets_the_layers_and_survives_a_restore(tiny, tmp_path, precision):
     compute = {"float32": "float32", "mixed_bfloat16": "bfloat16"}[precision]
