@@ -7,15 +7,26 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: setup data run test lint bench-reference
+.PHONY: setup venv-module data run test lint bench-reference
 
 setup: $(VENV)/.installed data
 
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory venv-module
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $@
+
+# Debian and Ubuntu ship `venv` without ensurepip (it is in pythonX.Y-venv): install it once.
+venv-module:
+	@ver=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') || exit 1; \
+	if command -v apt-get >/dev/null 2>&1; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python$$ver-venv; \
+	else \
+		echo "$(PYTHON) cannot create a virtualenv (no venv/ensurepip): install its venv package"; \
+		exit 1; \
+	fi
 
 # The data comes from Debian's dataset-fashion-mnist package; FMNIST_DATA_DIR overrides.
 data:
