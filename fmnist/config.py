@@ -48,21 +48,26 @@ def keras_backend(environ: Mapping[str, str] | None = None) -> str:
     """The backend `import keras` will load, found as Keras finds it, without importing it:
     `KERAS_BACKEND` when set and not empty, else "backend" in `keras.json` under `KERAS_HOME`
     (or `~/.keras`, `/tmp/.keras` when home is not writable), else tensorflow."""
-    environ = os.environ if environ is None else environ
+    return _keras_backend_and_source(os.environ if environ is None else environ)[0]
+
+
+def _keras_backend_and_source(environ: Mapping[str, str]) -> tuple[str, str]:
     if environ.get("KERAS_BACKEND"):
-        return environ["KERAS_BACKEND"]
+        return environ["KERAS_BACKEND"], "KERAS_BACKEND"
     if "KERAS_HOME" in environ:
         home = environ["KERAS_HOME"]
     else:
         base = os.path.expanduser("~")
         home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    path = os.path.join(os.path.expanduser(home), "keras.json")
     try:
-        with open(os.path.join(os.path.expanduser(home), "keras.json"), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):  # no file, or one Keras too ignores (not JSON)
-        return "tensorflow"
-    backend = config.get("backend", "tensorflow") if isinstance(config, dict) else "tensorflow"
-    return str(backend)
+        return "tensorflow", "Keras' default"
+    if isinstance(config, dict) and "backend" in config:
+        return str(config["backend"]), path
+    return "tensorflow", "Keras' default"
 
 
 TRAINING_BACKENDS = ("tensorflow", "jax", "torch")  # Keras 3's numpy and openvino only infer
@@ -74,9 +79,7 @@ def keras_backend_problem(environ: Mapping[str, str] | None = None) -> str | Non
     (or, in a search, every trial failing on `import keras`)."""
     import importlib.util
 
-    environ = os.environ if environ is None else environ
-    backend = keras_backend(environ)
-    where = "KERAS_BACKEND" if environ.get("KERAS_BACKEND") else "keras.json"
+    backend, where = _keras_backend_and_source(os.environ if environ is None else environ)
     if backend not in TRAINING_BACKENDS:
         return (f"Keras backend {backend!r} (from {where}) cannot train models here; use one of "
                 f"{', '.join(TRAINING_BACKENDS)}")

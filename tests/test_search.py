@@ -240,7 +240,8 @@ def test_a_keras_backend_the_trials_cannot_import_is_one_line_before_ray(tmp_pat
               "train")]
     if missing:  # from keras.json, as Keras reads it when KERAS_BACKEND is not set
         (tmp_path / "keras.json").write_text(f'{{"backend": "{missing}"}}')
-        cases.append(({}, f"Keras backend '{missing}' (from keras.json) is not installed here"))
+        cases.append(({}, f"Keras backend '{missing}' (from {tmp_path / 'keras.json'}) is not "
+                          "installed here"))
     for extra, match in cases:
         out = _run_cli("--space", "mlp", "--data-dir", str(tiny_data_dir), "--val-size", "100",
                        "--storage", str(tmp_path / "runs"),

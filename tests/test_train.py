@@ -173,6 +173,10 @@ def test_a_backend_keras_cannot_train_with_is_one_line_in_each_cli(tiny_data_dir
     from fmnist.config import keras_backend_problem
 
     assert keras_backend_problem({"KERAS_BACKEND": "tensorflow"}) is None
+    (tmp_path / "keras.json").write_text('{"backend": "openvino"}')  # says where it came from
+    assert keras_backend_problem({"KERAS_HOME": str(tmp_path)}) == (
+        f"Keras backend 'openvino' (from {tmp_path / 'keras.json'}) cannot train models here; "
+        "use one of tensorflow, jax, torch")
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     want = ("error: Keras backend 'numpy' (from KERAS_BACKEND) cannot train models here; use one "
             "of tensorflow, jax, torch")
