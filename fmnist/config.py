@@ -7,6 +7,7 @@ before anything heavy starts. `fmnist.train` re-exports it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import typing
@@ -77,8 +78,6 @@ def keras_backend_problem(environ: Mapping[str, str] | None = None) -> str | Non
     """Why Keras could not train here with the backend it would load, or None. Checked without
     importing Keras, so a wrong backend is one line before anything starts, not a traceback
     (or, in a search, every trial failing on `import keras`)."""
-    import importlib.util
-
     backend, where = _keras_backend_and_source(os.environ if environ is None else environ)
     if backend not in TRAINING_BACKENDS:
         return (f"Keras backend {backend!r} (from {where}) cannot train models here; use one of "
