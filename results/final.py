@@ -164,9 +164,8 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
     report = render_report(experiment, trials, epochs, results, summary, ev, trial, flags,
                            argv or [])
     (final_dir / "report.md").write_text(report)
-    print(f"test accuracy {summary['test_accuracy_mean']:.4f} +- "
-          f"{summary['test_accuracy_std']:.4f} over {seeds} seed(s); report: "
-          f"{final_dir / 'report.md'}", file=out, flush=True)
+    print(f"test accuracy {accuracy_text(summary)}; report: {final_dir / 'report.md'}",
+          file=out, flush=True)
     return {"summary": summary, "figures": sorted([*figures, *drawn]),
             "final_dir": str(final_dir)}
 
@@ -176,7 +175,17 @@ def summarize(results: pd.DataFrame) -> dict[str, Any]:
     acc = best["test_accuracy"].to_numpy()
     return {"trial_id": best["trial_id"].iloc[0], "seeds": len(acc),
             "test_accuracy_mean": float(acc.mean()),
-            "test_accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0}
+            "test_accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else None}
+
+
+def accuracy_text(summary: dict[str, Any], bold: bool = False) -> str:
+    """'0.8263 +- 0.0047 over 3 seeds', or, with one seed, what one seed cannot tell."""
+    mean = f"{summary['test_accuracy_mean']:.4f}"
+    if summary["test_accuracy_std"] is None:
+        return (f"{mean}{'**' if bold else ''} (one seed, so no spread measured: "
+                "--seeds 3 gives one)")
+    return (f"{mean} +- {summary['test_accuracy_std']:.4f}{'**' if bold else ''} "
+            f"(mean +- standard deviation over {summary['seeds']} seeds)")
 
 
 def write_figures(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame,
@@ -222,9 +231,8 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
         f"epochs with {summary['seeds']} seed(s), then evaluated once on the "
         f"{int(results['test_images'].iloc[0]):,}-image test set.",
         "",
-        f"**Test accuracy: {summary['test_accuracy_mean']:.4f} +- "
-        f"{summary['test_accuracy_std']:.4f}** (mean +- standard deviation over seeds; "
-        f"best validation accuracy in the search: {float(trial['best_val_accuracy']):.4f}).",
+        f"**Test accuracy: {accuracy_text(summary, bold=True)}; best validation accuracy in "
+        f"the search: {float(trial['best_val_accuracy']):.4f}.",
         "",
         "## Leaderboard (validation split)",
         "",

@@ -341,6 +341,10 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
     for needle in ("Test accuracy", "![confusion matrix](confusion_matrix.png)",
                    "trial-epochs run", "fingerprint", "search/run.py", "-m results final"):
         assert needle in report, needle
+    acc = final["test_accuracy"]  # the spread reported is the seeds' sample deviation
+    spread = f"{acc.mean():.4f} +- {acc.std(ddof=1):.4f}"
+    assert f"Test accuracy: {spread}** (mean +- standard deviation over 2 seeds)" in report
+    assert f"test accuracy {spread} (mean" in text
     # --precision retrains the other way; bfloat16 on a CPU without it says it will be slow
     other = "float32" if best["precision"] == "mixed_bfloat16" else "mixed_bfloat16"
     out = io.StringIO()
@@ -348,6 +352,9 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
                          other], out=out) == 0
     assert set(pq.read_table(folder / "final.parquet").column("precision").to_pylist()) == {
         other}
+    report = (folder / "report.md").read_text()  # one seed has no spread to report
+    assert "+-" not in out.getvalue() and "one seed, so no spread measured" in out.getvalue()
+    assert "one seed, so no spread measured" in report and "0.0000" not in report.split("##")[0]
     from fmnist.config import bf16_cpu
 
     slow = other == "mixed_bfloat16" and not bf16_cpu()
