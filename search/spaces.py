@@ -135,14 +135,16 @@ def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sp
     if not isinstance(raw, dict) or not raw:
         raise SpaceError(f"{path}: expected a mapping of TrainConfig keys to values")
     raw.update(overrides or {})
-    return parse_space(raw, name=path.stem, source=str(path))
+    return parse_space(raw, name=path.stem, source=str(path), set_keys=set(overrides or ()))
 
 
-def parse_space(raw: dict[str, Any], name: str, source: str) -> Space:
+def parse_space(raw: dict[str, Any], name: str, source: str,
+                set_keys: set[str] = frozenset()) -> Space:
+    """A checked Space; a mistake in a key of `set_keys` is blamed on its `--set`."""
     known = {f.name for f in fields(TrainConfig)}
     space = Space(name=name, source=source)
     for key, value in raw.items():
-        where = f"{source}: {key}"
+        where = f"--set {key}" if key in set_keys else f"{source}: {key}"
         if key not in known:
             raise SpaceError(f"{where}: unknown key (not a TrainConfig field)")
         if isinstance(value, dict):
@@ -153,7 +155,7 @@ def parse_space(raw: dict[str, Any], name: str, source: str) -> Space:
         raise SpaceError(f"{source}: model: must be a fixed value (one family per space)")
     if "epochs" in space.dists:
         raise SpaceError(f"{source}: epochs: must be fixed (it is the scheduler's max_t)")
-    _check_values(space)
+    _check_values(space, set_keys)
     return space
 
 
@@ -186,11 +188,16 @@ def _parse_dist(where: str, value: dict[str, Any]) -> Dist:
     return Dist(kind, tuple(args))
 
 
-def _check_values(space: Space) -> None:
+def _check_values(space: Space, set_keys: set[str] = frozenset()) -> None:
     """Every fixed value and every distribution's extremes must make a valid TrainConfig."""
     try:
         base = TrainConfig.from_dict(space.fixed)
     except (ConfigError, TypeError) as exc:
+        for key in sorted(set_keys & space.fixed.keys()):  # a bad value on its own
+            try:
+                TrainConfig.from_dict({"model": space.fixed["model"], key: space.fixed[key]})
+            except (ConfigError, TypeError) as own:
+                raise SpaceError(f"--set {key}: {own}") from None
         raise SpaceError(f"{space.source}: {exc}") from None
     for key, d in space.dists.items():
         candidates = d.args if d.kind in ("choice", "grid") else d.args[:2]
@@ -200,7 +207,8 @@ def _check_values(space: Space) -> None:
             try:
                 base.replace(**{key: value})
             except (ConfigError, TypeError) as exc:
-                raise SpaceError(f"{space.source}: {key}: {value!r} is not valid ({exc})") from None
+                where = f"--set {key}" if key in set_keys else f"{space.source}: {key}"
+                raise SpaceError(f"{where}: {value!r} is not valid ({exc})") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

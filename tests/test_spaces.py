@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -75,6 +77,25 @@ def test_overrides_pin_and_replace_distributions():
     assert space.dists["dropout"].kind == "choice"
     with pytest.raises(SpaceError, match="expected key=value"):
         parse_override("blocks")
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("filterz=3", r"^--set filterz: unknown key"),
+        ("batch_size=0", r"^--set batch_size: batch_size must be >= 1"),
+        ("batch_size={choice: [0, 64]}", r"^--set batch_size: 0 is not valid"),
+        ("learning_rate={loguniform: [0, 1]}", r"^--set learning_rate: loguniform lower bound"),
+        ("model=xyz", r"^--set model: model must be one of"),
+    ],
+)
+def test_a_bad_override_is_blamed_on_its_set_not_the_file(tmp_path, override, match):
+    with pytest.raises(SpaceError, match=match):
+        load_space("cnn", dict([parse_override(override)]))
+    path = tmp_path / "bad.yaml"  # and the file's own mistake still names the file
+    path.write_text("model: mlp\ndropout: {uniform: [0.0, 1.5]}\n")
+    with pytest.raises(SpaceError, match=rf"^{re.escape(str(path))}: dropout: 1.5 is not valid"):
+        load_space(str(path), dict([parse_override("units=8")]))
 
 
 def test_unknown_space_lists_available():
