@@ -411,6 +411,8 @@ def describe(plan: Plan, cpus: float | None) -> str:
     lines.append(budget)
     slots = "?" if cpus is None else concurrent_slots(a, cpus)
     where = a.address or f"embedded local Ray ({cpus:g} CPUs)"
+    if a.gpus_per_trial > 0 and not a.address:  # Ray finds the GPUs when it starts
+        where = where[:-1] + "; GPUs are counted when Ray starts, and can lower this)"
     lines.append(f"resources: {a.cpus_per_trial:g} CPU, {a.gpus_per_trial:g} GPU per trial; "
                  f"up to {slots} concurrent on {where}")
     lines.append(f"precision: {precision_plan(s, a)}")

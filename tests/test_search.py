@@ -144,9 +144,13 @@ def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
     assert "\nprecision: auto: " in text
     assert not (tmp_path / "plan").exists()
     fixed = _run_cli("--space", "vgg", "--data-dir", str(tiny_data_dir), "--val-size", "100",
-                     "--train-size", "300", "--set", "precision=float32", "--dry-run")
+                     "--train-size", "300", "--set", "precision=float32", "--gpus-per-trial",
+                     "0.5", "--dry-run")
     assert fixed.returncode == 0, fixed.stderr
     assert "\nprecision: float32 (fixed)\n" in fixed.stdout
+    # the slots are counted from the CPUs; the GPUs only once Ray is up to find them
+    assert "0.5 GPU per trial" in fixed.stdout and "GPUs are counted when Ray starts" in (
+        fixed.stdout) and "GPUs are counted" not in text
 
 
 def test_the_plan_reads_the_backend_from_keras_json(tmp_path, monkeypatch):
