@@ -208,7 +208,7 @@ def format_table(df: pd.DataFrame, fmt: str = "text") -> str:
         for row in df.itertuples(index=False):
             lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
         return "\n".join(lines) + "\n"
-    return df.to_string(index=False, formatters={c: _cell for c in df.columns}) + "\n"
+    return df.to_string(index=False, na_rep="-", formatters={c: _cell for c in df.columns}) + "\n"
 
 
 def _cell(value: Any) -> str:

@@ -35,20 +35,23 @@ def _save(fig, path: Path) -> Path:
 
 def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, path: Path,
                     top: int = 5) -> dict[str, pd.DataFrame]:
-    """Validation accuracy and loss per epoch of the top-k trials."""
+    """Validation accuracy and loss per epoch of the top-k trials, keyed by trial (by
+    experiment/trial when the trials come from several experiments)."""
     if "experiment" not in trials:
         trials = trials.assign(experiment="")
         epochs = epochs.assign(experiment="")
     best = ranked(trials).head(top)
+    several = trials["experiment"].nunique() > 1  # then a trial is named experiment/trial
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
     drawn = {}
     for row in best.itertuples():
         mine = epochs[(epochs["trial_id"] == row.trial_id)
                       & (epochs["experiment"] == row.experiment)].sort_values("epoch")
-        label = f"#{row.rank} {row.trial_id} ({row.best_val_accuracy:.3f})"
+        name = f"{row.experiment}/{row.trial_id}" if several else row.trial_id
+        label = f"#{row.rank} {name} ({row.best_val_accuracy:.3f})"
         ax_acc.plot(mine["epoch"], mine["val_accuracy"], marker="o", ms=3, label=label)
         ax_loss.plot(mine["epoch"], mine["val_loss"], marker="o", ms=3, label=label)
-        drawn[row.trial_id] = mine[["epoch", "val_accuracy", "val_loss"]]
+        drawn[name] = mine[["epoch", "val_accuracy", "val_loss"]]
     ax_acc.set(title=f"Validation accuracy, top {len(best)} trials", xlabel="epoch",
                ylabel="validation accuracy")
     ax_loss.set(title=f"Validation loss, top {len(best)} trials", xlabel="epoch",

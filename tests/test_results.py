@@ -119,8 +119,13 @@ def test_each_plot_is_written_with_its_data(two, tmp_path):
     exps = lb.load([str(root / "exp-a"), str(root / "exp-b")])
     out = tmp_path / "png"
     drawn = plots.learning_curves(exps.epochs, exps.trials, out / "lc.png", top=3)
-    best3 = lb.ranked(exps.trials).head(3)["trial_id"].tolist()
-    assert list(drawn) == best3
+    best3 = lb.ranked(exps.trials).head(3)
+    # both experiments number their trials t00000, ...: each is named by its experiment too
+    assert list(drawn) == (best3["experiment"] + "/" + best3["trial_id"]).tolist()
+    ranked_a = lb.ranked(exps.trials[exps.trials["experiment"] == "exp-a"])
+    one = plots.learning_curves(exps.epochs[exps.epochs["experiment"] == "exp-a"],
+                                ranked_a, out / "lc_a.png", top=3)
+    assert list(one) == ranked_a.head(3)["trial_id"].tolist()
     for frame in drawn.values():
         assert frame["epoch"].tolist() == list(range(1, len(frame) + 1))
     curve = plots.anytime_curves(exps.epochs, out / "anytime.png")
@@ -186,6 +191,16 @@ def test_final_says_when_a_bfloat16_retrain_will_be_emulated(monkeypatch):
     assert slow_precision_note(config_for(trial, "float32")) is None
     monkeypatch.setattr(fmnist.config, "bf16_cpu", lambda cpuinfo=None: True)
     assert slow_precision_note(config_for(trial)) is None
+
+
+def test_a_parameter_one_experiment_lacks_is_a_dash_in_text_and_md():
+    table = pd.DataFrame({"trial": ["a", "b"], "units": [512.0, np.nan],
+                          "blocks": [np.nan, 3.0]})
+    rows = [line.split() for line in lb.format_table(table, "text").splitlines()[1:]]
+    assert rows == [["a", "512", "-"], ["b", "-", "3"]]  # pandas wrote NaN here before
+    md = lb.format_table(table, "md").splitlines()[2:]
+    assert md == ["| a | 512 | - |", "| b | - | 3 |"]
+    assert lb.format_table(table, "csv").splitlines()[1:] == ["a,512.0,", "b,,3.0"]
 
 
 def test_cli_leaderboard_formats(two, tmp_path):
