@@ -342,6 +342,45 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
                            help=f"default: {f.default}")
 
 
+def resumed_config(folder: str, flags: dict[str, Any]) -> TrainConfig:
+    """The config a checkpoint was trained with; of the flags only --epochs may change it.
+
+    The checkpoint's model and optimizer are what training continues with, so any other
+    flag that differs would be ignored in part (the model) and applied in part (the batch
+    size, augmentation): refused instead, as `search/run.py --resume` refuses changes.
+    """
+    from fmnist.data import DataError
+
+    path = Path(folder) / "state.json"
+    if not path.is_file():
+        raise DataError(f"--resume {folder}: not a checkpoint folder (no state.json; "
+                        "--save writes one)")
+    try:
+        state = json.loads(path.read_text())
+        done, saved = int(state["epoch"]), TrainConfig.from_dict(state["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"--resume {folder}: state.json is not a checkpoint's ({exc})") from None
+    asked = TrainConfig.from_dict({**saved.to_dict(), **flags})
+    changed = [f"--{f.name.replace('_', '-')} {getattr(asked, f.name)} (the checkpoint's: "
+               f"{getattr(saved, f.name)})" for f in fields(TrainConfig)
+               if f.name != "epochs" and getattr(asked, f.name) != getattr(saved, f.name)]
+    if changed:
+        raise ConfigError(f"--resume {folder}: {'; '.join(changed)}: only --epochs may change "
+                          "when resuming (the other flags can be left out)")
+    if saved.lr_schedule == "cosine":  # its schedule reaches 0 at the config's last epoch
+        if done >= saved.epochs:
+            raise ConfigError(f"--resume {folder}: the checkpoint ran all {done} epochs of its "
+                              "cosine schedule, whose learning rate is 0 from there")
+        if asked.epochs > saved.epochs:
+            raise ConfigError(f"--resume {folder}: --epochs {asked.epochs} goes past the "
+                              f"{saved.epochs} epochs its cosine schedule decays over (the "
+                              f"learning rate is 0 after them): --epochs {saved.epochs} at most")
+    if asked.epochs <= done:
+        raise ConfigError(f"--resume {folder}: the checkpoint has run {done} epochs; --epochs "
+                          f"{asked.epochs} leaves none to train (--epochs {done + 1} or more)")
+    return asked
+
+
 def main(argv: list[str] | None = None) -> int:
     from fmnist.data import DataError, folder_problem, load_splits
 
@@ -363,10 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         problem = folder_problem(args.save) if args.save else None
         if problem:  # before the training it would lose
             raise DataError(f"--save {args.save}: {problem}")
-        if args.resume and not (Path(args.resume) / "state.json").is_file():
-            raise DataError(f"--resume {args.resume}: not a checkpoint folder (no state.json; "
-                            "--save writes one)")
-        cfg = TrainConfig.from_dict(values)
+        if args.resume:
+            cfg = resumed_config(args.resume, values)
+        else:
+            cfg = TrainConfig.from_dict(values)
         data = load_splits(args.data_dir, args.dataset, val_size=args.val_size,
                            train_size=args.train_size, seed=args.split_seed)
     except (ConfigError, DataError) as exc:

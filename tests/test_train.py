@@ -268,6 +268,52 @@ def test_cli_trains_and_saves(tiny_data_dir, tmp_path):
     lines = [line for line in out.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 2 and "val_acc" in lines[0]
     assert (tmp_path / "m" / "model.keras").is_file()
+    assert "\nparams 13,002," in out.stdout  # 784*16+16, 16*16+16, 16*10+10
+    # --resume takes the checkpoint's config: --epochs alone trains the third epoch of that mlp
+    out = subprocess.run(
+        [sys.executable, "-m", "fmnist.train", "--data-dir", str(tiny_data_dir), "--epochs", "3",
+         "--val-size", "100", "--train-size", "200", "--resume", str(tmp_path / "m")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("mlp: train 200, val 100, 3 epochs")
+    lines = [line for line in out.stdout.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 1 and lines[0].startswith("epoch   3 ")
+    assert "\nparams 13,002," in out.stdout  # the same 16-unit mlp, not the default 256
+
+
+def _checkpoint(folder, epoch, **config):
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"epoch": epoch, "attempt": 0, "config": TrainConfig(**config).to_dict()}
+    (folder / "state.json").write_text(json.dumps(state))
+    return str(folder)
+
+
+def test_resume_keeps_the_checkpoints_config_and_refuses_what_would_not_train(tmp_path):
+    from fmnist.data import DataError
+    from fmnist.train import ConfigError, resumed_config
+
+    flat = _checkpoint(tmp_path / "flat", 2, model="mlp", units=16, epochs=2)
+    cfg = resumed_config(flat, {"epochs": 5})
+    assert (cfg.model, cfg.units, cfg.epochs) == ("mlp", 16, 5)  # a constant rate goes on
+    assert resumed_config(flat, {"epochs": 3, "model": "mlp", "units": 16}).epochs == 3
+    with pytest.raises(ConfigError, match=r"--units 32 \(the checkpoint's: 16\): only --epochs"):
+        resumed_config(flat, {"epochs": 3, "units": 32})
+    with pytest.raises(ConfigError, match=r"has run 2 epochs; --epochs 2 leaves none"):
+        resumed_config(flat, {})
+    cosine = _checkpoint(tmp_path / "cos", 1, model="mlp", epochs=4, lr_schedule="cosine")
+    assert resumed_config(cosine, {}).epochs == 4  # finishes its schedule
+    with pytest.raises(ConfigError, match=r"--epochs 6 goes past the 4 epochs its cosine"):
+        resumed_config(cosine, {"epochs": 6})
+    done = _checkpoint(tmp_path / "done", 4, model="mlp", epochs=4, lr_schedule="cosine")
+    with pytest.raises(ConfigError, match=r"ran all 4 epochs of its cosine schedule"):
+        resumed_config(done, {"epochs": 8})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "state.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"state.json is not a checkpoint's"):
+        resumed_config(str(tmp_path / "bad"), {"epochs": 3})
 
 
 @pytest.mark.parametrize("flags, message", [
