@@ -342,12 +342,17 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
                            help=f"default: {f.default}")
 
 
-def resumed_config(folder: str, flags: dict[str, Any]) -> TrainConfig:
-    """The config a checkpoint was trained with; of the flags only --epochs may change it.
+# What a resumed run may change: how long it trains, and how it uses the machine.
+RESUME_MAY_CHANGE = ("epochs", "eval_batch_size", "intra_op_threads", "inter_op_threads")
 
-    The checkpoint's model and optimizer are what training continues with, so any other
-    flag that differs would be ignored in part (the model) and applied in part (the batch
-    size, augmentation): refused instead, as `search/run.py --resume` refuses changes.
+
+def resumed_config(folder: str, flags: dict[str, Any]) -> TrainConfig:
+    """The config a checkpoint was trained with, changed only in RESUME_MAY_CHANGE by `flags`.
+
+    The checkpoint's model and optimizer (its schedule, its compiled step) are what training
+    continues with, so another flag that differs would be ignored in part (the model) and
+    applied in part (the batch size, augmentation): refused instead, as `search/run.py
+    --resume` refuses changes.
     """
     from fmnist.data import DataError
 
@@ -363,10 +368,12 @@ def resumed_config(folder: str, flags: dict[str, Any]) -> TrainConfig:
     asked = TrainConfig.from_dict({**saved.to_dict(), **flags})
     changed = [f"--{f.name.replace('_', '-')} {getattr(asked, f.name)} (the checkpoint's: "
                f"{getattr(saved, f.name)})" for f in fields(TrainConfig)
-               if f.name != "epochs" and getattr(asked, f.name) != getattr(saved, f.name)]
+               if f.name not in RESUME_MAY_CHANGE
+               and getattr(asked, f.name) != getattr(saved, f.name)]
     if changed:
-        raise ConfigError(f"--resume {folder}: {'; '.join(changed)}: only --epochs may change "
-                          "when resuming (the other flags can be left out)")
+        may = ", ".join("--" + name.replace("_", "-") for name in RESUME_MAY_CHANGE)
+        raise ConfigError(f"--resume {folder}: {'; '.join(changed)}: a resumed run may change "
+                          f"only {may} (the other flags can be left out)")
     if saved.lr_schedule == "cosine":  # its schedule reaches 0 at the config's last epoch
         if done >= saved.epochs:
             raise ConfigError(f"--resume {folder}: the checkpoint ran all {done} epochs of its "

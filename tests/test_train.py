@@ -299,8 +299,13 @@ def test_resume_keeps_the_checkpoints_config_and_refuses_what_would_not_train(tm
     cfg = resumed_config(flat, {"epochs": 5})
     assert (cfg.model, cfg.units, cfg.epochs) == ("mlp", 16, 5)  # a constant rate goes on
     assert resumed_config(flat, {"epochs": 3, "model": "mlp", "units": 16}).epochs == 3
-    with pytest.raises(ConfigError, match=r"--units 32 \(the checkpoint's: 16\): only --epochs"):
+    with pytest.raises(ConfigError, match=r"--units 32 \(the checkpoint's: 16\): a resumed run "
+                                          r"may change only --epochs, --eval-batch-size"):
         resumed_config(flat, {"epochs": 3, "units": 32})
+    with pytest.raises(ConfigError, match=r"--jit-compile True \(the checkpoint's: False\)"):
+        resumed_config(flat, {"epochs": 3, "jit_compile": True})  # its step is compiled as saved
+    cfg = resumed_config(flat, {"epochs": 3, "intra_op_threads": 1, "eval_batch_size": 64})
+    assert (cfg.intra_op_threads, cfg.eval_batch_size, cfg.units) == (1, 64, 16)
     with pytest.raises(ConfigError, match=r"has run 2 epochs; --epochs 2 leaves none"):
         resumed_config(flat, {})
     cosine = _checkpoint(tmp_path / "cos", 1, model="mlp", epochs=4, lr_schedule="cosine")
