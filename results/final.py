@@ -7,10 +7,12 @@ The only code in the project that reads the test split.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -23,7 +25,7 @@ import pyarrow as pa
 
 from results import leaderboard as lb
 from results import plots
-from results.store import FINAL_DIR, open_experiment
+from results.store import FINAL_DIR, ExperimentStore, open_experiment
 
 RUNTIME_KEYS = ("intra_op_threads", "inter_op_threads")
 
@@ -87,7 +89,8 @@ def slow_precision_note(cfg) -> str | None:
 def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int = 3,
               data_dir: str | None = None, out=None, argv: list[str] | None = None,
               precision: str = "recorded") -> dict[str, Any]:
-    """Retrain, test, and write final/ (final.parquet, model.keras, report.md, PNGs)."""
+    """Retrain, test, and write final/ (final.parquet, model.keras, report.md, PNGs); where
+    final/ holds an earlier evaluation, final-2/ (then final-3/, ...)."""
     out = out or sys.stdout
     store = open_experiment(path)
     if not store.exists():
@@ -110,64 +113,84 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
     data = {"x_train": np.concatenate([splits.x_train, splits.x_val]),
             "y_train": np.concatenate([splits.y_train, splits.y_val]),
             "x_val": splits.x_val[:0], "y_val": splits.y_val[:0]}
-    final_dir = Path(store.path) / FINAL_DIR
-    final_dir.mkdir(parents=True, exist_ok=True)
-    names = splits.class_names
+    folder = store.final_folder()
+    if folder != FINAL_DIR:
+        print(f"{FINAL_DIR}/ already holds an evaluation; this one goes to {folder}/ "
+              "(none is overwritten)", file=out, flush=True)
+    with final_files(store, folder) as final_dir:
+        names = splits.class_names
+        rows, per_class, saved = [], [], None
+        for trial in chosen.itertuples(index=False):
+            trial = pd.Series(trial._asdict())
+            base = config_for(trial, precision)
+            note = slow_precision_note(base)
+            if note:
+                print(note, file=out, flush=True)
+            for s in range(seeds):
+                cfg = base.replace(seed=base.seed + s)
+                print(f"trial {trial['trial_id']} (rank {trial['rank']}), seed {s + 1}/{seeds}: "
+                      f"{cfg.epochs} epochs on {len(data['y_train']):,} train+validation images",
+                      file=out, flush=True)
+                t0 = time.perf_counter()
+                run = train(cfg, data, on_epoch_end=lambda m, c=cfg: print(
+                    f"  epoch {m['epoch']}/{c.epochs}  loss {m['loss']:.4f}  "
+                    f"acc {m['accuracy']:.4f}  {m['epoch_time_s']:.1f}s", file=out, flush=True))
+                train_s = time.perf_counter() - t0
+                ev, probs = evaluate(run.model, x_test, y_test, names)
+                print(f"  test accuracy {ev.accuracy:.4f}", file=out, flush=True)
+                rows.append({"trial_id": trial["trial_id"], "rank": int(trial["rank"]),
+                             "seed": cfg.seed, "epochs": cfg.epochs,
+                             "val_accuracy_in_search": float(trial["best_val_accuracy"]),
+                             "test_accuracy": ev.accuracy, "train_time_s": train_s,
+                             "train_images": len(data["y_train"]), "test_images": len(y_test),
+                             "precision": run.precision,
+                             "config": json.dumps(cfg.to_dict(), default=list)})
+                if saved is None:  # the first seed of the best configuration is the one kept
+                    run.model.save(final_dir / "model.keras")
+                    saved = (trial, ev, probs)
+                    per_class = [{"trial_id": trial["trial_id"], "seed": cfg.seed, **r}
+                                 for r in ev.per_class()]
+        results = pd.DataFrame(rows)
+        pa_table = pa.Table.from_pandas(results, preserve_index=False)
+        store.write_table(pa_table, f"{folder}/final.parquet")
+        store.write_table(pa.Table.from_pylist(per_class), f"{folder}/per_class.parquet")
 
-    rows, per_class, saved = [], [], None
-    for trial in chosen.itertuples(index=False):
-        trial = pd.Series(trial._asdict())
-        base = config_for(trial, precision)
-        note = slow_precision_note(base)
-        if note:
-            print(note, file=out, flush=True)
-        for s in range(seeds):
-            cfg = base.replace(seed=base.seed + s)
-            print(f"trial {trial['trial_id']} (rank {trial['rank']}), seed {s + 1}/{seeds}: "
-                  f"{cfg.epochs} epochs on {len(data['y_train']):,} train+validation images",
-                  file=out, flush=True)
-            t0 = time.perf_counter()
-            run = train(cfg, data, on_epoch_end=lambda m, c=cfg: print(
-                f"  epoch {m['epoch']}/{c.epochs}  loss {m['loss']:.4f}  "
-                f"acc {m['accuracy']:.4f}  {m['epoch_time_s']:.1f}s", file=out, flush=True))
-            train_s = time.perf_counter() - t0
-            ev, probs = evaluate(run.model, x_test, y_test, names)
-            print(f"  test accuracy {ev.accuracy:.4f}", file=out, flush=True)
-            rows.append({"trial_id": trial["trial_id"], "rank": int(trial["rank"]),
-                         "seed": cfg.seed, "epochs": cfg.epochs,
-                         "val_accuracy_in_search": float(trial["best_val_accuracy"]),
-                         "test_accuracy": ev.accuracy, "train_time_s": train_s,
-                         "train_images": len(data["y_train"]), "test_images": len(y_test),
-                         "precision": run.precision,
-                         "config": json.dumps(cfg.to_dict(), default=list)})
-            if saved is None:  # the first seed of the best configuration is the one kept
-                run.model.save(final_dir / "model.keras")
-                saved = (trial, ev, probs)
-                per_class = [{"trial_id": trial["trial_id"], "seed": cfg.seed, **r}
-                             for r in ev.per_class()]
-    results = pd.DataFrame(rows)
-    pa_table = pa.Table.from_pandas(results, preserve_index=False)
-    store.write_table(pa_table, f"{FINAL_DIR}/final.parquet")
-    store.write_table(pa.Table.from_pylist(per_class), f"{FINAL_DIR}/per_class.parquet")
-
-    trial, ev, probs = saved
-    figures = {
-        "confusion_matrix.png": plots.confusion_heatmap(
-            ev.confusion, names, final_dir / "confusion_matrix.png",
-            title=f"Confusion matrix, test set, trial {trial['trial_id']}"),
-        "misclassified.png": plots.misclassified_grid(x_test, y_test, probs, names,
-                                                      final_dir / "misclassified.png"),
-    }
-    drawn = write_figures(experiment, trials, epochs, final_dir, splits)
-    flags = drawn["hyperparameters.png"]["flags"]
-    summary = summarize(results)
-    report = render_report(experiment, trials, epochs, results, summary, ev, trial, flags,
-                           argv or [])
-    (final_dir / "report.md").write_text(report)
-    print(f"test accuracy {accuracy_text(summary)}; report: {final_dir / 'report.md'}",
+        trial, ev, probs = saved
+        figures = {
+            "confusion_matrix.png": plots.confusion_heatmap(
+                ev.confusion, names, final_dir / "confusion_matrix.png",
+                title=f"Confusion matrix, test set, trial {trial['trial_id']}"),
+            "misclassified.png": plots.misclassified_grid(x_test, y_test, probs, names,
+                                                          final_dir / "misclassified.png"),
+        }
+        drawn = write_figures(experiment, trials, epochs, final_dir, splits)
+        flags = drawn["hyperparameters.png"]["flags"]
+        summary = summarize(results)
+        report = render_report(experiment, trials, epochs, results, summary, ev, trial, flags,
+                               argv or [], folder)
+        (final_dir / "report.md").write_text(report)
+    print(f"test accuracy {accuracy_text(summary)}; report: {store.uri(folder, 'report.md')}",
           file=out, flush=True)
     return {"summary": summary, "figures": sorted([*figures, *drawn]),
-            "final_dir": str(final_dir)}
+            "final_dir": store.uri(folder)}
+
+
+@contextlib.contextmanager
+def final_files(store: ExperimentStore, folder: str):
+    """The local folder the report, plots and model are written to: the experiment's own
+    `folder`, or for a bucket a temporary one whose files are uploaded there at the end
+    (also when the evaluation fails part way, so nothing it made is lost)."""
+    if store.is_local:
+        path = Path(store.path) / folder
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="fmnist-final-") as staging:
+        try:
+            yield Path(staging)
+        finally:
+            for file in sorted(Path(staging).iterdir()):
+                store.put_file(file, f"{folder}/{file.name}")
 
 
 def summarize(results: pd.DataFrame) -> dict[str, Any]:
@@ -213,7 +236,7 @@ def write_figures(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
 
 def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame,
                   results: pd.DataFrame, summary: dict[str, Any], ev, trial: pd.Series,
-                  flags: dict[str, str], argv: list[str]) -> str:
+                  flags: dict[str, str], argv: list[str], folder: str = FINAL_DIR) -> str:
     """report.md: leaderboard, plots, final figures, accounting, provenance."""
     acct = lb.accounting(experiment, trials, epochs)
     board = lb.leaderboard(trials.assign(experiment=experiment["name"]), top=10)
@@ -234,6 +257,11 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
         f"**Test accuracy: {accuracy_text(summary, bold=True)}; best validation accuracy in "
         f"the search: {float(trial['best_val_accuracy']):.4f}.",
         "",
+        *([] if folder == FINAL_DIR else [
+            f"This is evaluation {folder.rsplit('-', 1)[-1]} of this experiment on the test set; "
+            f"the earlier ones are in `{FINAL_DIR}/` and beside it. Picking one of them by its "
+            "test accuracy makes the test set part of the selection, and its accuracy an "
+            "optimistic estimate.", ""]),
         "## Leaderboard (validation split)",
         "",
         lb.format_table(board, "md"),

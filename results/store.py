@@ -175,6 +175,30 @@ class ExperimentStore:
         """Write one named Parquet file inside the experiment (e.g. `final/final.parquet`)."""
         self._write_atomic(table, _join(self.path, relative))
 
+    @property
+    def is_local(self) -> bool:
+        """True when the experiment is a folder on this machine (not in a bucket)."""
+        return _is_local(self.fs)
+
+    def put_file(self, local: str | os.PathLike, relative: str) -> None:
+        """Copy a file of this machine into the experiment (for a bucket: one upload)."""
+        path = _join(self.path, relative)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with open(local, "rb") as src, self.fs.open_output_stream(path) as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+
+    def final_folder(self) -> str:
+        """Where the next final evaluation goes: `final`, or `final-2`, `final-3`, ... once
+        earlier ones hold results (each one read the test set: none is overwritten)."""
+        n = 1
+        while True:
+            name = FINAL_DIR if n == 1 else f"{FINAL_DIR}-{n}"
+            taken = self.fs.get_file_info(_join(self.path, name, "final.parquet"))
+            if taken.type == pafs.FileType.NotFound:
+                return name
+            n += 1
+
     def _part_path(self, folder: str) -> str:
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         return _join(self.path, folder, name)

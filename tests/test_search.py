@@ -354,9 +354,13 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
     out = io.StringIO()
     assert results_main(["final", str(tmp_path / "final"), "--seeds", "1", "--precision",
                          other], out=out) == 0
-    assert set(pq.read_table(folder / "final.parquet").column("precision").to_pylist()) == {
+    second = tmp_path / "final" / "final-2"  # beside the first, which stays as it was
+    assert "this one goes to final-2/ (none is overwritten)" in out.getvalue()
+    assert set(pq.read_table(second / "final.parquet").column("precision").to_pylist()) == {
         other}
-    report = (folder / "report.md").read_text()  # one seed has no spread to report
+    assert pq.read_table(folder / "final.parquet").to_pandas().equals(final)
+    report = (second / "report.md").read_text()  # one seed has no spread to report
+    assert "This is evaluation 2 of this experiment on the test set" in report
     assert "+-" not in out.getvalue() and "one seed, so no spread measured" in out.getvalue()
     assert "one seed, so no spread measured" in report and "0.0000" not in report.split("##")[0]
     from fmnist.config import bf16_cpu
