@@ -410,9 +410,13 @@ def describe(plan: Plan, cpus: float | None) -> str:
         budget += f", time budget {a.time_budget:g} s"
     lines.append(budget)
     slots = "?" if cpus is None else concurrent_slots(a, cpus)
-    where = a.address or f"embedded local Ray ({cpus:g} CPUs)"
-    if a.gpus_per_trial > 0 and not a.address:  # Ray finds the GPUs when it starts
-        where = where[:-1] + "; GPUs are counted when Ray starts, and can lower this)"
+    if a.address:
+        where = a.address
+    elif a.gpus_per_trial > 0:  # Ray finds the GPUs when it starts
+        where = (f"embedded local Ray ({cpus:g} CPUs; GPUs are counted when Ray starts, and "
+                 "can lower this)")
+    else:
+        where = f"embedded local Ray ({cpus:g} CPUs)"
     lines.append(f"resources: {a.cpus_per_trial:g} CPU, {a.gpus_per_trial:g} GPU per trial; "
                  f"up to {slots} concurrent on {where}")
     lines.append(f"precision: {precision_plan(s, a)}")

@@ -195,7 +195,7 @@ def _check_values(space: Space, set_keys: set[str] = frozenset()) -> None:
     except (ConfigError, TypeError) as exc:
         for key in sorted(set_keys & space.fixed.keys()):  # a bad value on its own
             try:
-                TrainConfig.from_dict({"model": space.fixed["model"], key: space.fixed[key]})
+                TrainConfig.from_dict({key: space.fixed[key]})
             except (ConfigError, TypeError) as own:
                 raise SpaceError(f"--set {key}: {own}") from None
         raise SpaceError(f"{space.source}: {exc}") from None

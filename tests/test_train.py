@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import subprocess
@@ -283,8 +284,6 @@ def test_cli_trains_and_saves(tiny_data_dir, tmp_path):
 
 
 def _checkpoint(folder, epoch, **config):
-    import json
-
     folder.mkdir(parents=True, exist_ok=True)
     state = {"epoch": epoch, "attempt": 0, "config": TrainConfig(**config).to_dict()}
     (folder / "state.json").write_text(json.dumps(state))
