@@ -202,7 +202,8 @@ def summarize(results: pd.DataFrame) -> dict[str, Any]:
 
 
 def accuracy_text(summary: dict[str, Any], bold: bool = False) -> str:
-    """'0.8263 +- 0.0047 over 3 seeds', or, with one seed, what one seed cannot tell."""
+    """'0.8263 +- 0.0047 (mean +- standard deviation over 3 seeds)', or, with one seed,
+    that one seed measures no spread; `bold` closes a Markdown '**' after the numbers."""
     mean = f"{summary['test_accuracy_mean']:.4f}"
     if summary["test_accuracy_std"] is None:
         return (f"{mean}{'**' if bold else ''} (one seed, so no spread measured: "
