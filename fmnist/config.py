@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -201,6 +202,27 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+# PyYAML reads YAML 1.1, where a float needs a dot: `1e-4` is the string "1e-4" there (YAML
+# 1.2 and Python read it as a number). Such strings are taken as the numbers they spell.
+_EXPONENT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, with `1e-4` (and `-2E3`, `5.e-1`) read as floats, also nested."""
+    import yaml
+
+    def numbers(value: Any) -> Any:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value):
+            return float(value)
+        if isinstance(value, list):
+            return [numbers(v) for v in value]
+        if isinstance(value, dict):
+            return {k: numbers(v) for k, v in value.items()}
+        return value
+
+    return numbers(yaml.safe_load(text))
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

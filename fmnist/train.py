@@ -37,6 +37,7 @@ from fmnist.config import (  # noqa: E402,F401
     TrainConfig,
     auto_precision,
     bf16_cpu,
+    load_yaml,
 )
 from fmnist.data import DATA_KEYS  # noqa: E402
 from fmnist.models import build_model  # noqa: E402
@@ -328,9 +329,7 @@ def train(
 
 def _parse_value(text: str) -> Any:
     """Parse a command-line value the way YAML would (numbers, booleans, lists)."""
-    import yaml
-
-    return yaml.safe_load(text)
+    return load_yaml(text)
 
 
 def config_arguments(parser: argparse.ArgumentParser) -> None:

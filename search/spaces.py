@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fmnist.config import ConfigError, TrainConfig
+from fmnist.config import ConfigError, TrainConfig, load_yaml
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 ARITY = {"choice": None, "grid": None, "uniform": 2, "loguniform": 2, "randint": 2,
@@ -124,7 +124,7 @@ def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sp
     """Load, check and return a space; `overrides` pin keys (`--set key=value`)."""
     path = space_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         detail = str(exc).splitlines()[0]
         raise SpaceError(f"{path}: not valid YAML ({detail})") from None
@@ -217,7 +217,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise SpaceError(f"--set {text!r}: expected key=value")
     key, _, value = text.partition("=")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), load_yaml(value)
     except yaml.YAMLError:
         raise SpaceError(f"--set {text!r}: value is not valid YAML") from None
 

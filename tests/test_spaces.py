@@ -98,6 +98,22 @@ def test_a_bad_override_is_blamed_on_its_set_not_the_file(tmp_path, override, ma
         load_space(str(path), dict([parse_override("units=8")]))
 
 
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as a string; users write it, Python and YAML 1.2 read a float
+    path = tmp_path / "e.yaml"
+    path.write_text("model: cnn\nlearning_rate: {loguniform: [1e-4, 1E-2]}\n"
+                    "weight_decay: {choice: [0, 5e-4, -0e0]}\noptimizer: adam\n")
+    space = load_space(str(path), dict([parse_override("dropout=2.5e-1"),
+                                        parse_override("label_smoothing={uniform: [0, 1e-1]}")]))
+    assert space.dists["learning_rate"].args == (1e-4, 1e-2)
+    assert space.dists["weight_decay"].args == (0, 5e-4, 0.0)
+    assert space.dists["label_smoothing"].args == (0, 0.1)
+    assert space.fixed["dropout"] == 0.25 and space.fixed["optimizer"] == "adam"
+    assert parse_override("optimizer=1e3x") == ("optimizer", "1e3x")  # not a number: kept
+    with pytest.raises(SpaceError, match="not valid YAML"):  # still yaml.safe_load underneath
+        load_space(str(path), dict([parse_override("dropout=!!python/name:os.system")]))
+
+
 def test_unknown_space_lists_available():
     with pytest.raises(SpaceError, match="unknown space 'nope'; available: .*vgg"):
         load_space("nope")

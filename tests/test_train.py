@@ -262,10 +262,11 @@ def test_cli_trains_and_saves(tiny_data_dir, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "fmnist.train", "--data-dir", str(tiny_data_dir), "--model", "mlp",
          "--units", "16", "--epochs", "2", "--val-size", "100", "--train-size", "200",
-         "--save", str(tmp_path / "m")],
+         "--learning-rate", "2e-3", "--save", str(tmp_path / "m")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "adam lr 0.002\n" in out.stdout  # 2e-3 is a number, not YAML 1.1's string
     lines = [line for line in out.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 2 and "val_acc" in lines[0]
     assert (tmp_path / "m" / "model.keras").is_file()
@@ -277,7 +278,7 @@ def test_cli_trains_and_saves(tiny_data_dir, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("mlp: train 200, val 100, 3 epochs")
+    assert out.stdout.startswith("mlp: train 200, val 100, 3 epochs, batch 128, adam lr 0.002")
     lines = [line for line in out.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 1 and lines[0].startswith("epoch   3 ")
     assert "\nparams 13,002," in out.stdout  # the same 16-unit mlp, not the default 256
