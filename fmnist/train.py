@@ -309,8 +309,11 @@ def train(
 
     `on_epoch_end(metrics)` is called after every epoch; returning False stops training.
     With `checkpoint_dir`, a checkpoint is written after every epoch (before the callback).
-    With `resume_from`, training continues from that checkpoint's epoch.
+    With `resume_from`, training continues from that checkpoint's epoch; `cfg` must be the
+    checkpoint's config but for RESUME_MAY_CHANGE (ConfigError, as `resumed_config` says).
     """
+    if resume_from is not None:
+        resumed_config(str(resume_from), cfg.to_dict())
     configure_threads(cfg.intra_op_threads, cfg.inter_op_threads)
     run = TrainingRun(cfg, data)
     if resume_from is not None:

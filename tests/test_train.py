@@ -220,6 +220,9 @@ def test_train_resumes_from_checkpoint_dir(tiny, tmp_path):
     rest = []
     train(cfg, tiny, on_epoch_end=rest.append, resume_from=tmp_path / "c")
     assert [m["epoch"] for m in first + rest] == [1, 2, 3]
+    # another model than the checkpoint's would be half applied: refused, as by the CLI
+    with pytest.raises(fmnist.train.ConfigError, match=r"--units 16 \(the checkpoint's: 8\)"):
+        train(cfg.replace(units=16, epochs=4), tiny, resume_from=tmp_path / "c")
 
 
 def test_checkpoint_with_lambda_layer_is_refused(tmp_path):
