@@ -210,8 +210,21 @@ _EXPONENT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
 
 
 def load_yaml(text: str) -> Any:
-    """`yaml.safe_load`, with `1e-4` (and `-2E3`, `5.e-1`) read as floats, also nested."""
+    """`yaml.safe_load`, with `1e-4` (and `-2E3`, `5.e-1`) read as floats, also nested, and
+    a key given twice in one mapping refused (PyYAML keeps the last one without a word)."""
     import yaml
+
+    class Loader(yaml.SafeLoader):  # the safe loader: Python tags stay refused
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in getattr(node, "value", ()):
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice (line {key_node.start_mark.line + 1})",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     def numbers(value: Any) -> Any:
         if isinstance(value, str) and _EXPONENT.fullmatch(value):
@@ -222,7 +235,7 @@ def load_yaml(text: str) -> Any:
             return {k: numbers(v) for k, v in value.items()}
         return value
 
-    return numbers(yaml.safe_load(text))
+    return numbers(yaml.load(text, Loader=Loader))  # noqa: S506 (a SafeLoader)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

@@ -59,6 +59,8 @@ def test_seed_vgg_is_notebook_000():
         ("units: 8\n", r"model: must be a fixed value"),
         ("model: mlp\nunits: !!python/object/apply:os.system ['true']\n", r"not valid YAML"),
         ("- 1\n- 2\n", r"expected a mapping"),
+        ("model: mlp\nunits: 8\nunits: 16\n", r"not valid YAML \('units' is given twice \(line 3"),
+        ("model: mlp\nunits: {choice: [8], choice: [16]}\n", r"'choice' is given twice \(line 2"),
         (b"model: mlp\n\xff\xfe\n", r"not a text file \(not UTF-8 at byte 11\)"),
     ],
 )
