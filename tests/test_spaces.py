@@ -112,7 +112,7 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
     assert space.dists["label_smoothing"].args == (0, 0.1)
     assert space.fixed["dropout"] == 0.25 and space.fixed["optimizer"] == "adam"
     assert parse_override("optimizer=1e3x") == ("optimizer", "1e3x")  # not a number: kept
-    with pytest.raises(SpaceError, match="not valid YAML"):  # still yaml.safe_load underneath
+    with pytest.raises(SpaceError, match="not valid YAML"):  # still the safe loader underneath
         load_space(str(path), dict([parse_override("dropout=!!python/name:os.system")]))
 
 
