@@ -210,32 +210,40 @@ _EXPONENT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
 
 
 def load_yaml(text: str) -> Any:
-    """`yaml.safe_load`, with `1e-4` (and `-2E3`, `5.e-1`) read as floats, also nested, and
-    a key given twice in one mapping refused (PyYAML keeps the last one without a word)."""
+    """What `yaml.safe_load` reads (PyYAML's safe loader, the same steps), except that a plain
+    `1e-4` (or `-2E3`, `5.e-1`) is a float, and a key given twice in one mapping is an error
+    (PyYAML keeps the last one without a word). Raises yaml.YAMLError."""
     import yaml
 
-    class Loader(yaml.SafeLoader):  # the safe loader: Python tags stay refused
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in getattr(node, "value", ()):
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-                if key is not None and key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"{key!r} is given twice (line {key_node.start_mark.line + 1})",
-                        key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    def numbers(value: Any) -> Any:
-        if isinstance(value, str) and _EXPONENT.fullmatch(value):
-            return float(value)
-        if isinstance(value, list):
-            return [numbers(v) for v in value]
-        if isinstance(value, dict):
-            return {k: numbers(v) for k, v in value.items()}
-        return value
-
-    return numbers(yaml.load(text, Loader=Loader))  # noqa: S506 (a SafeLoader)
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        stack, visited = [node], set()  # an alias can make the node graph cyclic
+        while stack:
+            node_now = stack.pop()
+            if id(node_now) in visited:
+                continue
+            visited.add(id(node_now))
+            if isinstance(node_now, yaml.MappingNode):
+                seen = set()
+                for key, value in node_now.value:
+                    if isinstance(key, yaml.ScalarNode):
+                        if key.value in seen:
+                            raise yaml.constructor.ConstructorError(
+                                None, None, f"{key.value!r} is given twice "
+                                f"(line {key.start_mark.line + 1})", key.start_mark)
+                        seen.add(key.value)
+                    stack += [key, value]
+            elif isinstance(node_now, yaml.SequenceNode):
+                stack += node_now.value
+            elif (node_now.tag == "tag:yaml.org,2002:str" and node_now.style is None
+                  and _EXPONENT.fullmatch(node_now.value)):
+                node_now.tag = "tag:yaml.org,2002:float"  # unquoted: the number it spells
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

@@ -61,6 +61,8 @@ def test_seed_vgg_is_notebook_000():
         ("- 1\n- 2\n", r"expected a mapping"),
         ("model: mlp\nunits: 8\nunits: 16\n", r"not valid YAML \('units' is given twice \(line 3"),
         ("model: mlp\nunits: {choice: [8], choice: [16]}\n", r"'choice' is given twice \(line 2"),
+        ("model: mlp\nunits: &x [1, *x]\n", r"units must be an integer, got \[1, \[\.\.\.\]\]"),
+        ("model: mlp\nlearning_rate: '1e-3'\n", r"must be a number, got '1e-3'"),  # quoted: text
         (b"model: mlp\n\xff\xfe\n", r"not a text file \(not UTF-8 at byte 11\)"),
     ],
 )
