@@ -108,6 +108,11 @@ def auto_precision(backend: str, gpu: Callable[[], bool],
     return "float32", "this CPU has no bfloat16 instructions"
 
 
+# Fields that say how a run uses the machine, not what it trains: a search sets them per trial
+# (its --cpus-per-trial), and a retrain or a resumed run may set them anew.
+RUNTIME_KEYS = ("intra_op_threads", "inter_op_threads")
+
+
 class ConfigError(ValueError):
     """A configuration key or value is not valid."""
 

@@ -33,6 +33,7 @@ from keras import ops  # noqa: E402
 from fmnist.config import (  # noqa: E402,F401
     METRIC,
     MODE,
+    RUNTIME_KEYS,
     ConfigError,
     TrainConfig,
     auto_precision,
@@ -345,7 +346,7 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # What a resumed run may change: how long it trains, and how it uses the machine.
-RESUME_MAY_CHANGE = ("epochs", "eval_batch_size", "intra_op_threads", "inter_op_threads")
+RESUME_MAY_CHANGE = ("epochs", "eval_batch_size", *RUNTIME_KEYS)
 
 
 def resumed_config(folder: str, flags: dict[str, Any]) -> TrainConfig:

@@ -23,11 +23,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from fmnist.config import RUNTIME_KEYS
 from results import leaderboard as lb
 from results import plots
 from results.store import FINAL_DIR, ExperimentStore, open_experiment
-
-RUNTIME_KEYS = ("intra_op_threads", "inter_op_threads")
 
 
 class FinalError(ValueError):

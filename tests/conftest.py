@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -175,6 +176,18 @@ def no_ray_running():
     while find_gcs_addresses() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not find_gcs_addresses(), "a Ray cluster is running on this machine; stop it first"
+
+
+def run_cli(*argv, timeout=120, env=None):
+    """Run the CLI in a fresh interpreter; report whether Ray was imported at all."""
+    code = ("import sys; sys.argv = ['search/run.py', *sys.argv[1:]]\n"
+            "from search import run\n"
+            "rc = run.main()\n"
+            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\n"
+            "print('TF_IMPORTED' if 'tensorflow' in sys.modules else 'NO_TF')\n"
+            "sys.exit(rc)\n")
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
 
 
 def search_args(data_dir: Path, space: Path, storage: Path, name: str, *extra: str) -> list[str]:

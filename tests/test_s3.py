@@ -14,8 +14,7 @@ from moto.server import ThreadedMotoServer
 
 from results.__main__ import main as results_main
 from results.store import ExperimentStore
-from tests.conftest import search_args
-from tests.test_search import _run_cli
+from tests.conftest import run_cli, search_args
 
 BUCKET = "fmnist-test"
 
@@ -44,7 +43,7 @@ def _files(folder_uri: str) -> set[str]:
 def test_a_search_and_its_final_evaluation_live_in_the_bucket(s3_env, tiny_data_dir, tiny_space,
                                                               tmp_path, monkeypatch):
     root = f"s3://{BUCKET}/runs"
-    out = _run_cli(*search_args(tiny_data_dir, tiny_space, root, "b", "--num-samples", "2",
+    out = run_cli(*search_args(tiny_data_dir, tiny_space, root, "b", "--num-samples", "2",
                                 "--max-epochs", "2", "--scheduler", "fifo"),
                    env={**os.environ, **s3_env}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -19,7 +19,7 @@ from fmnist.data import digest_arrays, load_splits, load_test
 from results.store import EPOCH_SCHEMA, TRIAL_COLUMNS, ExperimentStore
 from search import run
 from search.spaces import load_space
-from tests.conftest import REPO, search_args, write_dataset
+from tests.conftest import REPO, run_cli, search_args, write_dataset
 
 SCHEDULERS = ["asha", "hyperband", "median", "fifo"]
 SEARCHERS = ["random", "optuna", "hyperopt", "grid"]
@@ -120,20 +120,8 @@ def test_trials_never_receive_test_images(ray_session, tiny_data_dir, tiny_space
     assert digest_arrays(split.arrays()) == digest_arrays(payload)
 
 
-def _run_cli(*argv, timeout=120, env=None):
-    """Run the CLI in a fresh interpreter; report whether Ray was imported at all."""
-    code = ("import sys; sys.argv = ['search/run.py', *sys.argv[1:]]\n"
-            "from search import run\n"
-            "rc = run.main()\n"
-            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\n"
-            "print('TF_IMPORTED' if 'tensorflow' in sys.modules else 'NO_TF')\n"
-            "sys.exit(rc)\n")
-    return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
 def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
-    out = _run_cli("--space", "vgg", "--data-dir", str(tiny_data_dir), "--storage",
+    out = run_cli("--space", "vgg", "--data-dir", str(tiny_data_dir), "--storage",
                    str(tmp_path), "--name", "plan", "--val-size", "100", "--train-size", "300",
                    "--num-samples", "9", "--max-epochs", "9", "--dry-run")
     assert out.returncode == 0, out.stderr
@@ -143,7 +131,7 @@ def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
     assert "at most 81 trial-epochs" in text and "learning_rate" in text
     assert "\nprecision: auto: " in text
     assert not (tmp_path / "plan").exists()
-    fixed = _run_cli("--space", "vgg", "--data-dir", str(tiny_data_dir), "--val-size", "100",
+    fixed = run_cli("--space", "vgg", "--data-dir", str(tiny_data_dir), "--val-size", "100",
                      "--train-size", "300", "--set", "precision=float32", "--gpus-per-trial",
                      "0.5", "--dry-run")
     assert fixed.returncode == 0, fixed.stderr
@@ -167,7 +155,7 @@ def test_the_plan_reads_the_backend_from_keras_json(tmp_path, monkeypatch):
 def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
     # Only the workers train: the driver of a real search must not pay TensorFlow's import
     # (seconds of start-up on a small machine, and its memory) for a class it passes by name.
-    out = _run_cli(*search_args(tiny_data_dir, tiny_space, tmp_path, "lean", "--num-samples",
+    out = run_cli(*search_args(tiny_data_dir, tiny_space, tmp_path, "lean", "--num-samples",
                                 "1", "--max-epochs", "1", "--scheduler", "fifo"), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "RAY_IMPORTED" in out.stdout and "NO_TF" in out.stdout
@@ -223,7 +211,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data_dir, argv, match):
     argv = [subst.get(a, a) for a in argv]
     base = ["--storage", str(tmp_path / "runs"), "--space", "mlp", "--data-dir",
             str(tiny_data_dir), "--val-size", "100"]
-    out = _run_cli(*base, *argv)
+    out = run_cli(*base, *argv)
     assert out.returncode == 2, out.stdout + out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
@@ -247,7 +235,7 @@ def test_a_keras_backend_the_trials_cannot_import_is_one_line_before_ray(tmp_pat
         cases.append(({}, f"Keras backend '{missing}' (from {tmp_path / 'keras.json'}) is not "
                           "installed here"))
     for extra, match in cases:
-        out = _run_cli("--space", "mlp", "--data-dir", str(tiny_data_dir), "--val-size", "100",
+        out = run_cli("--space", "mlp", "--data-dir", str(tiny_data_dir), "--val-size", "100",
                        "--storage", str(tmp_path / "runs"),
                        env={**env, "KERAS_HOME": str(tmp_path), **extra})
         assert out.returncode == 2, out.stdout + out.stderr
@@ -308,7 +296,7 @@ def test_resume_from_another_folder_with_relative_space_and_data(
 
 def test_existing_experiment_needs_resume(tmp_path, tiny_data_dir, tiny_space):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
-    out = _run_cli(*search_args(tiny_data_dir, tiny_space, tmp_path / "runs", "taken"))
+    out = run_cli(*search_args(tiny_data_dir, tiny_space, tmp_path / "runs", "taken"))
     assert out.returncode == 2 and "already exists" in out.stderr and "--resume" in out.stderr
 
 
@@ -493,7 +481,7 @@ def test_more_cpus_per_trial_than_the_machine_has_is_one_line_before_ray_starts(
     # Tune would keep the trial pending until the time budget ran out; --dry-run said it fits.
     storage = tmp_path / "runs"
     argv = search_args(tiny_data_dir, tiny_space, storage, "big", "--cpus-per-trial", "1000")
-    out = _run_cli(*argv, *(["--dry-run"] if dry_run else []))
+    out = run_cli(*argv, *(["--dry-run"] if dry_run else []))
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: --cpus-per-trial 1000: this machine has {os.cpu_count()} CPUs, "
