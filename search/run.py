@@ -353,6 +353,42 @@ def asha_rungs(grace: int, factor: float, max_t: int) -> list[int]:
     return rungs
 
 
+def hyperband_brackets(max_t: int, factor: float) -> list[list[tuple[int, int]]]:
+    """The brackets of one band of Ray's HyperBandScheduler, as (configs, epochs) per round.
+
+    Ray's own arithmetic (ray/tune/schedulers/hyperband.py, 2.60): brackets s = 0, 1, ...
+    while s < round(log(max_t) / log(factor)) + 1, each starting n0 configs at r0 epochs and
+    keeping ceil(n / factor) of them for min(r * factor, max_t) epochs, s times. A bracket
+    whose r0 rounds to 0 is skipped. New configs fill the brackets in this order.
+    """
+    s_max_1 = int(round(math.log(max_t) / math.log(factor))) + 1
+    bands = []
+    for s in range(s_max_1):
+        n, r = math.ceil(s_max_1 / (s + 1) * factor**s), int(max_t * factor ** (-s))
+        if r == 0:
+            continue
+        rounds = [(n, r)]
+        for _ in range(s):
+            n, r = math.ceil(n / factor), int(min(r * factor, max_t))
+            rounds.append((n, r))
+        bands.append(rounds)
+    return bands
+
+
+def describe_hyperband(max_t: int, factor: float) -> str:
+    brackets = hyperband_brackets(max_t, factor)
+    text = " | ".join(" -> ".join(f"{n}x{r}" for n, r in b) for b in brackets)
+    per_band = sum(b[0][0] for b in brackets)
+    out = (f"hyperband (reduction {factor:g}, max_t {max_t}): brackets of configs x epochs "
+           f"{text}; new configs fill them in this order, {per_band} to a band")
+    short = sorted({b[-1][1] for b in brackets if b[-1][1] < max_t})
+    if short:
+        out += (f"; Ray's rounding ends {'a bracket' if len(short) == 1 else 'brackets'} at "
+                f"epoch {', '.join(map(str, short))}, before max_t (a max_t that is a power "
+                f"of {factor:g} avoids it)")
+    return out
+
+
 def concurrent_slots(a: argparse.Namespace, cpus: float, gpus: float | None = None) -> int:
     """How many trials fit at once on `cpus` (and `gpus`, when given), within --max-concurrent."""
     slots = int(cpus // a.cpus_per_trial) if a.cpus_per_trial > 0 else 1
@@ -395,7 +431,7 @@ def describe(plan: Plan, cpus: float | None) -> str:
                  f"max_t {a.max_epochs}): rungs at epochs {', '.join(map(str, rungs)) or '-'}; "
                  f"{how}")
     elif a.scheduler == "hyperband":
-        sched = f"hyperband (reduction {a.reduction_factor:g}, max_t {a.max_epochs})"
+        sched = describe_hyperband(a.max_epochs, a.reduction_factor)
     elif a.scheduler == "median":
         sched = f"median stopping (grace {a.grace_period} epochs, max_t {a.max_epochs})"
     else:

@@ -141,6 +141,46 @@ def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
         fixed.stdout) and "GPUs are counted" not in text
 
 
+@pytest.mark.parametrize("max_t,factor", [(3, 3), (4, 3), (9, 3), (30, 3), (50, 3), (2, 3),
+                                           (16, 2), (5, 2.5)])
+def test_the_plans_hyperband_brackets_are_rays(max_t, factor):
+    # The plan copies Ray's bracket arithmetic (it is printed before Ray starts): check the copy
+    # against Ray's own scheduler and brackets, halving each bracket as Ray does.
+    from ray.tune.schedulers import HyperBandScheduler
+
+    ray_sched = HyperBandScheduler(metric="val_accuracy", mode="max", max_t=max_t,
+                                   reduction_factor=factor)
+    expected = []
+    for s in range(ray_sched._s_max_1):
+        if ray_sched._get_r0(s) == 0:
+            continue  # Ray skips a bracket too small to start
+        bracket = ray_sched._create_bracket(s)
+        rounds = [(bracket._n, bracket._r)]
+        while bracket._halves > 0:
+            bracket.successive_halving("val_accuracy", 1)
+            rounds.append((bracket._n, bracket._r))
+        expected.append(rounds)
+    assert run.hyperband_brackets(max_t, factor) == expected
+
+
+def test_the_plan_names_hyperband_brackets_that_end_before_max_t(tiny_data_dir):
+    def plan(*flags):
+        out = run_cli("--space", "cnn", "--data-dir", str(tiny_data_dir), "--val-size", "100",
+                      "--train-size", "300", "--scheduler", "hyperband", *flags, "--dry-run")
+        assert out.returncode == 0, out.stderr
+        return next(line for line in out.stdout.splitlines() if line.startswith("scheduler:"))
+
+    line = plan("--max-epochs", "9")
+    # Keras Tuner's Hyperband has the same 17 configs for max epochs 9, factor 3
+    assert "3x9 | 5x3 -> 2x9 | 9x1 -> 3x3 -> 1x9; new configs fill them in this order, 17 to a " \
+        "band" in line
+    assert "before max_t" not in line
+    # 4 is no power of 3: the second bracket's last round is 3 epochs (seen in a real search:
+    # its best trial "stopped by hyperband at epoch 3")
+    line = plan("--max-epochs", "4")
+    assert "2x4 | 3x1 -> 1x3;" in line and "ends a bracket at epoch 3, before max_t" in line
+
+
 def test_the_plan_reads_the_backend_from_keras_json(tmp_path, monkeypatch):
     # Keras reads keras.json when KERAS_BACKEND is not set; the plan's precision line does too.
     monkeypatch.delenv("KERAS_BACKEND", raising=False)
