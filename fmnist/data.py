@@ -37,6 +37,8 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
+ALL_FILES = [name for pair in FILES.values() for name in pair]
+
 # Where Debian/Ubuntu packages put the files (`apt-get install dataset-fashion-mnist`).
 SYSTEM_DIRS = {
     "fashion_mnist": Path("/usr/share/datasets/fashion-mnist"),
@@ -136,7 +138,7 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 
 
 def _has_dataset(folder: Path) -> bool:
-    return all(_find_file(folder, stem) for pair in FILES.values() for stem in pair)
+    return all(_find_file(folder, stem) for stem in ALL_FILES)
 
 
 def candidate_dirs(data_dir: str | os.PathLike | None, dataset: str) -> list[Path]:
@@ -182,7 +184,7 @@ def resolve_data_dir(
         folder = Path(explicit).expanduser()
         if not folder.is_dir():
             raise DataError(f"data dir {folder} does not exist")
-        missing = [s for pair in FILES.values() for s in pair if not _find_file(folder, s)]
+        missing = [s for s in ALL_FILES if not _find_file(folder, s)]
         if missing:
             raise DataError(f"data dir {folder} lacks {', '.join(missing)} (.gz or raw)")
         return folder
@@ -205,10 +207,13 @@ def _keras_download(dataset: str, searched: list[Path]) -> dict[str, np.ndarray]
         (x_train, y_train), (x_test, y_test) = module.load_data()
     except Exception as exc:  # network errors come in many types
         places = "\n  ".join(str(p) for p in searched)
+        # Debian packages Fashion-MNIST only; MNIST has no package to point to.
+        package = ("`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or "
+                   if dataset == "fashion_mnist" else "")
         raise DataError(
             f"{dataset} not found. Looked in:\n  {places}\n  and a Keras download ({exc}).\n"
-            "Get the data with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put "
-            "the four IDX files in a folder and pass --data-dir or set FMNIST_DATA_DIR."
+            f"Get the data with {package}the four IDX files ({', '.join(ALL_FILES)}, .gz or "
+            "raw) in a folder passed as --data-dir or FMNIST_DATA_DIR."
         ) from None
     return {
         "train": (x_train.astype(np.uint8), y_train.astype(np.uint8)),

@@ -86,20 +86,28 @@ def test_missing_explicit_dir_is_an_error(tmp_path):
         load_split("train", tmp_path / "empty")
 
 
-def test_nothing_found_lists_every_place(monkeypatch, tmp_path):
-    # Point the system and cache folders at empty places, and make the last resort (a real
-    # Keras download) fail without the network: keras.datasets has no such dataset name.
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "mnist"])
+def test_nothing_found_lists_every_place(monkeypatch, tmp_path, dataset):
+    # Point the system and cache folders at empty places, and make the last resort, Keras'
+    # download, fail as it does without the network.
+    import keras
+
+    def offline():
+        raise OSError("URL fetch failure: [Errno -2] Name or service not known")
+
     monkeypatch.delenv("FMNIST_DATA_DIR", raising=False)
-    monkeypatch.setitem(data.SYSTEM_DIRS, "mnist", tmp_path / "sys")
-    monkeypatch.setitem(data.KERAS_CACHE_DIRS, "mnist", tmp_path / "cache")
-    real_download = data._keras_download
-    monkeypatch.setattr(data, "_keras_download", lambda ds, searched: real_download(
-        "no_such_dataset_" + ds, searched))
+    monkeypatch.setitem(data.SYSTEM_DIRS, dataset, tmp_path / "sys")
+    monkeypatch.setitem(data.KERAS_CACHE_DIRS, dataset, tmp_path / "cache")
+    monkeypatch.setattr(getattr(keras.datasets, dataset), "load_data", offline)
     with pytest.raises(DataError) as info:
-        load_split("train", None, "mnist")
+        load_split("train", None, dataset)
     message = str(info.value)
+    assert message.startswith(f"{dataset} not found")
     assert str(tmp_path / "sys") in message and str(tmp_path / "cache") in message
-    assert "apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
+    assert "Name or service not known" in message and "--data-dir" in message
+    assert "t10k-labels-idx1-ubyte" in message
+    # Debian packages Fashion-MNIST, not MNIST: only the first gets the apt-get hint
+    assert ("apt-get install dataset-fashion-mnist" in message) == (dataset == "fashion_mnist")
 
 
 def test_env_var_is_a_source(monkeypatch, tiny_data_dir):
