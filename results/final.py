@@ -59,20 +59,32 @@ def experiment_splits(experiment: dict[str, Any], data_dir: str | None = None):
 
 
 def config_for(trial: pd.Series, precision: str = "recorded"):
-    """The trial's TrainConfig. precision "recorded": what the search trained it with (the
-    space's value, else the trial's recorded `precision`); otherwise that value."""
+    """The trial's TrainConfig, as the search trained it: its `epochs` is the schedule's
+    length (the search's max_t), which a trial stopped early did not reach; `trial["epochs"]`
+    is how many it ran. precision "recorded": what the search trained it with (the space's
+    value, else the trial's recorded `precision`); otherwise that value."""
     from fmnist.train import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in lb.params_of(trial).items() if k in known
               and k not in RUNTIME_KEYS}
-    values["epochs"] = int(trial["epochs"])
+    ran = int(trial["epochs"])
+    values["epochs"] = max(ran, int(values.get("epochs", ran)))
     recorded = trial.get("precision")  # what the search trained with, where it was recorded
     if precision != "recorded":
         values["precision"] = precision
     elif "precision" not in values and isinstance(recorded, str) and recorded:
         values["precision"] = recorded
     return TrainConfig.from_dict(values)
+
+
+def epochs_text(cfg, ran: int) -> str:
+    """How long the retrain is: `ran` epochs, and for a trial the search stopped before the
+    end of its cosine schedule (which depends on the length), which schedule it stops in."""
+    text = f"{ran} epoch" + ("s" if ran != 1 else "")
+    if ran < cfg.epochs and cfg.lr_schedule == "cosine":
+        text += f" (of its {cfg.epochs}-epoch cosine schedule: the search stopped it there)"
+    return text
 
 
 def slow_precision_note(cfg) -> str | None:
@@ -127,18 +139,24 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
                 print(note, file=out, flush=True)
             for s in range(seeds):
                 cfg = base.replace(seed=base.seed + s)
+                ran = int(trial["epochs"])
                 print(f"trial {trial['trial_id']} (rank {trial['rank']}), seed {s + 1}/{seeds}: "
-                      f"{cfg.epochs} epochs on {len(data['y_train']):,} train+validation images",
-                      file=out, flush=True)
+                      f"{epochs_text(cfg, ran)} on {len(data['y_train']):,} train+validation "
+                      "images", file=out, flush=True)
+
+                def progress(m, ran=ran):
+                    print(f"  epoch {m['epoch']}/{ran}  loss {m['loss']:.4f}  "
+                          f"acc {m['accuracy']:.4f}  {m['epoch_time_s']:.1f}s", file=out,
+                          flush=True)
+                    return m["epoch"] < ran  # where the search stopped it
+
                 t0 = time.perf_counter()
-                run = train(cfg, data, on_epoch_end=lambda m, c=cfg: print(
-                    f"  epoch {m['epoch']}/{c.epochs}  loss {m['loss']:.4f}  "
-                    f"acc {m['accuracy']:.4f}  {m['epoch_time_s']:.1f}s", file=out, flush=True))
+                run = train(cfg, data, on_epoch_end=progress)
                 train_s = time.perf_counter() - t0
                 ev, probs = evaluate(run.model, x_test, y_test, names)
                 print(f"  test accuracy {ev.accuracy:.4f}", file=out, flush=True)
                 rows.append({"trial_id": trial["trial_id"], "rank": int(trial["rank"]),
-                             "seed": cfg.seed, "epochs": cfg.epochs,
+                             "seed": cfg.seed, "epochs": run.epoch,
                              "val_accuracy_in_search": float(trial["best_val_accuracy"]),
                              "test_accuracy": ev.accuracy, "train_time_s": train_s,
                              "train_images": len(data["y_train"]), "test_images": len(y_test),
@@ -250,8 +268,9 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
         "",
         f"Best configuration: trial `{summary['trial_id']}` (family "
         f"`{trial['family']}`), retrained on train+validation "
-        f"({int(results['train_images'].iloc[0]):,} images) for {int(trial['epochs'])} "
-        f"epochs with {summary['seeds']} seed(s), then evaluated once on the "
+        f"({int(results['train_images'].iloc[0]):,} images) for "
+        f"{epochs_text(config_for(trial), int(trial['epochs']))} with {summary['seeds']} "
+        "seed(s), then evaluated once on the "
         f"{int(results['test_images'].iloc[0]):,}-image test set.",
         "",
         f"**Test accuracy: {accuracy_text(summary, bold=True)}; best validation accuracy in "

@@ -167,6 +167,8 @@ def test_final_retrains_with_the_precision_the_search_recorded():
                        "params_learning_rate": 0.01, "precision": "mixed_bfloat16"})
     assert config_for(trial).precision == "mixed_bfloat16"
     assert config_for(trial).epochs == 2 and config_for(trial).learning_rate == 0.01
+    # a trial stopped at epoch 2 of the search's 4 keeps its 4-epoch schedule (final stops at 2)
+    assert config_for(pd.concat([trial, pd.Series({"params_epochs": 4})])).epochs == 4
     # experiments from before the column, or a trial that never reported an epoch: auto
     assert config_for(trial.drop("precision")).precision == "auto"
     assert config_for(pd.concat([trial.drop("precision"), pd.Series({"precision": np.nan})])

@@ -5,6 +5,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -395,6 +396,41 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
 
     slow = other == "mixed_bfloat16" and not bf16_cpu()
     assert ("no bfloat16 instructions" in out.getvalue()) == slow
+
+
+def test_final_retrains_a_stopped_trial_as_the_search_trained_it(ray_session, tiny_data_dir,
+                                                                  tiny_space, tmp_path):
+    # Hyperband with max_t 4 and factor 3 (the plan's "2x4 | 3x1 -> 1x3"): of configs 3-5, the
+    # best after epoch 1 runs to epoch 3 and is stopped there, 1 short of its cosine schedule.
+    from results.__main__ import main as results_main
+
+    out = io.StringIO()
+    assert run.main(search_args(tiny_data_dir, tiny_space, tmp_path, "hb", "--scheduler",
+                                "hyperband", "--num-samples", "5", "--max-epochs", "4",
+                                "--set", "lr_schedule=cosine"), out=out) == 0, out.getvalue()
+    assert "2x4 | 3x1 -> 1x3;" in out.getvalue()
+    trials = ExperimentStore(str(tmp_path), "hb").read_trials()
+    assert sorted(trials["epochs"]) == [1, 1, 3, 4, 4]
+    stopped = trials[trials["epochs"] == 3].iloc[0]
+    assert stopped["stop_reason"] == "stopped by hyperband at epoch 3"
+    out = io.StringIO()
+    assert results_main(["final", str(tmp_path / "hb"), "--trial", stopped["trial_id"],
+                         "--seeds", "1"], out=out) == 0, out.getvalue()
+    assert "3 epochs (of its 4-epoch cosine schedule: the search stopped it there) on 300" in \
+        out.getvalue()
+    final = pq.read_table(tmp_path / "hb" / "final" / "final.parquet").to_pandas().iloc[0]
+    config = json.loads(final["config"])
+    assert final["epochs"] == 3 and config["epochs"] == 4
+    import keras
+
+    # the saved model ends where the trial was stopped: 3/4 into the cosine decay, not at 0
+    model = keras.saving.load_model(tmp_path / "hb" / "final" / "model.keras", safe_mode=True)
+    steps = int(model.optimizer.iterations)
+    assert steps == 3 * math.ceil(300 / 64)  # train+validation images, batch size 64
+    expected = config["learning_rate"] * 0.5 * (1 + math.cos(math.pi * 3 / 4))
+    assert float(model.optimizer.learning_rate) == pytest.approx(expected, rel=1e-4)
+    assert "for 3 epochs (of its 4-epoch cosine schedule" in (
+        tmp_path / "hb" / "final" / "report.md").read_text()
 
 
 def test_failing_trials_are_recorded_and_final_refuses(ray_session, tiny_data_dir, tmp_path):
