@@ -55,6 +55,21 @@ def load(paths: list[str]) -> Experiments:
     )
 
 
+def without_trial_row(exps: Experiments) -> pd.DataFrame:
+    """Trials with epoch rows but no trial row: running now, or their search was killed
+    (`--resume` records them). Columns experiment, trial_id, epochs, best_val_accuracy."""
+    cols = ["experiment", "trial_id", "epochs", "best_val_accuracy"]
+    if exps.epochs.empty:
+        return pd.DataFrame(columns=cols)
+    known = set(zip(exps.trials.get("experiment", []), exps.trials.get("trial_id", []),
+                    strict=True))
+    keys = list(zip(exps.epochs["experiment"], exps.epochs["trial_id"], strict=True))
+    rest = exps.epochs[[k not in known for k in keys]]
+    return (rest.groupby(["experiment", "trial_id"], sort=True)
+            .agg(epochs=("epoch", "max"), best_val_accuracy=("val_accuracy", "max"))
+            .reset_index()[cols])
+
+
 def varying_params(trials: pd.DataFrame) -> list[str]:
     """params_* columns whose value differs between trials (the searched ones)."""
     cols = [c for c in trials.columns if c.startswith(PARAM_PREFIX)]
@@ -95,9 +110,10 @@ def leaderboard(trials: pd.DataFrame, top: int = 10) -> pd.DataFrame:
         "status": board["status"],
         "time_s": board["train_time_s"].round(1),
     })
-    for col in params:
-        out[col[len(PARAM_PREFIX):]] = board[col].map(_short)
-    if out["experiment"].nunique() <= 1:
+    for col in params:  # `epochs` is a parameter too (the schedule's length): keep it apart
+        short = col[len(PARAM_PREFIX):]
+        out[col if short in out.columns else short] = board[col].map(_short)
+    if trials["experiment"].nunique() <= 1:  # not only the rows shown: they may all be one's
         out = out.drop(columns="experiment")
     return out.reset_index(drop=True)
 

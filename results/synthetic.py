@@ -69,11 +69,11 @@ def write_synthetic(root: str, name: str, trials: int, max_epochs: int, seed: in
         "data_sha256": "x", "precision": "float32", "failures": 0, "error": None,
         "written_at": start,
         "params_model": "cnn", "params_learning_rate": lr, "params_dropout": dropout,
-        "params_batch_size": batch,
+        "params_batch_size": batch, "params_epochs": max_epochs,
     })
     schema = pa.schema([*TRIAL_COLUMNS, ("params_model", pa.string()),
                         ("params_learning_rate", pa.float64()), ("params_dropout", pa.float64()),
-                        ("params_batch_size", pa.int64())])
+                        ("params_batch_size", pa.int64()), ("params_epochs", pa.int64())])
     store.write_table(pa.Table.from_pandas(rows, schema=schema, preserve_index=False),
                       "trials/part-synthetic.parquet")
     store.write_experiment({

@@ -8,12 +8,13 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from results import leaderboard as lb
 from results import plots
 from results.__main__ import main as results_main
-from results.store import ExperimentStore, canonical_epochs
+from results.store import EPOCH_SCHEMA, ExperimentStore, canonical_epochs
 from results.synthetic import write_synthetic
 from tests.conftest import REPO
 
@@ -203,6 +204,44 @@ def test_a_parameter_one_experiment_lacks_is_a_dash_in_text_and_md():
     md = lb.format_table(table, "md").splitlines()[2:]
     assert md == ["| a | 512 | - |", "| b | - | 3 |"]
     assert lb.format_table(table, "csv").splitlines()[1:] == ["a,512.0,", "b,,3.0"]
+
+
+def test_leaderboard_across_experiments_shows_epochs_run_and_each_rows_experiment(tmp_path):
+    # Two searches with different max epochs: the searched schedule length (`params_epochs`)
+    # varies, and once replaced the `epochs` column (epochs run) in the table
+    write_synthetic(str(tmp_path), "long", trials=20, max_epochs=9, seed=1, best_lr=3e-3)
+    write_synthetic(str(tmp_path), "short", trials=20, max_epochs=3, seed=2, best_lr=1e-1)
+    exps = lb.load([str(tmp_path / "long"), str(tmp_path / "short")])
+    board = lb.leaderboard(exps.trials, top=3)
+    assert set(board["experiment"]) == {"long"}  # the top rows are all one experiment's
+    ran = exps.trials.set_index(["experiment", "trial_id"])["epochs"]
+    assert board["epochs"].tolist() == [ran[("long", t)] for t in board["trial"]]
+    assert (board["params_epochs"] == 9).all()
+    whole = lb.leaderboard(exps.trials, top=40)
+    assert set(whole["params_epochs"]) == {9, 3} and whole["epochs"].max() == 9
+
+
+def test_leaderboard_names_trials_with_epochs_but_no_trial_row(two, capsys):
+    # a running trial (or one of a killed search) has epoch rows and no trial row yet
+    root, a, _ = two
+    ts = pd.Timestamp("2026-01-02", tz="UTC")
+    rows = pd.DataFrame({"trial_id": "t-running", "epoch": [1, 2], "attempt": 0,
+                         "timestamp": [ts, ts], "val_accuracy": [0.5, 0.61]})
+    table = pa.Table.from_pandas(rows.reindex(columns=EPOCH_SCHEMA.names), schema=EPOCH_SCHEMA,
+                                 preserve_index=False)
+    a.write_table(table, "epochs/part-running.parquet")
+    exps = lb.load([str(root / "exp-a")])
+    assert lb.without_trial_row(exps).to_dict("records") == [
+        {"experiment": "exp-a", "trial_id": "t-running", "epochs": 2,
+         "best_val_accuracy": 0.61}]
+    assert results_main(["leaderboard", str(root / "exp-a"), "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert "t-running" not in out  # the table is unchanged; the note goes to stderr
+    assert err.strip() == ("not ranked: 1 trial(s) with epochs but no trial row yet, still "
+                           "running or in a search that was killed (--resume records them): "
+                           "t-running (epoch 2, best 0.6100)")
+    assert results_main(["leaderboard", str(root / "exp-b")]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_leaderboard_formats(two, tmp_path):
