@@ -87,15 +87,9 @@ def main(argv: list[str] | None = None, out=None) -> int:
                                                                              args.top)
             text = lb.format_table(table, args.format)
             print(text, end="", file=out)
-            pending = lb.without_trial_row(exps)
+            pending = lb.without_trial_row(exps.trials, exps.epochs)
             if len(pending):  # on stderr: the table (csv too) stays as it was
-                named = ", ".join(
-                    f"{'' if len(exps.experiments) == 1 else r.experiment + '/'}{r.trial_id} "
-                    f"(epoch {r.epochs}, best {r.best_val_accuracy:.4f})"
-                    for r in pending.itertuples())
-                print(f"not ranked: {len(pending)} trial(s) with epochs but no trial row yet, "
-                      f"still running or in a search that was killed (--resume records "
-                      f"them): {named}", file=sys.stderr)
+                print(lb.unranked_note(pending, len(exps.experiments) > 1), file=sys.stderr)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(text)

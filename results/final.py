@@ -109,6 +109,10 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
     experiment = store.read_experiment()
     trials, epochs = store.read_trials(), store.read_epochs()
     chosen = choose(trials, trial_id, top)
+    pending = lb.without_trial_row(trials, epochs)
+    if len(pending):
+        print(f"note: {lb.unranked_note(pending, False)}; final chooses among the others",
+              file=out, flush=True)
 
     # Heavy imports only now: the checks above answer in a second.
     from fmnist.data import load_test
@@ -257,6 +261,7 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
                   flags: dict[str, str], argv: list[str], folder: str = FINAL_DIR) -> str:
     """report.md: leaderboard, plots, final figures, accounting, provenance."""
     acct = lb.accounting(experiment, trials, epochs)
+    pending = lb.without_trial_row(trials, epochs)
     board = lb.leaderboard(trials.assign(experiment=experiment["name"]), top=10)
     versions = json.loads(experiment.get("versions") or "{}")
     per_class = pd.DataFrame(ev.per_class()).round(4)
@@ -276,6 +281,10 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
         f"**Test accuracy: {accuracy_text(summary, bold=True)}; best validation accuracy in "
         f"the search: {float(trial['best_val_accuracy']):.4f}.",
         "",
+        *([] if pending.empty else [
+            f"Not in this evaluation's choice: {lb.unranked_note(pending, False)}. The "
+            "leaderboard and compute figures below are of the trials recorded when it ran.",
+            ""]),
         *([] if folder == FINAL_DIR else [
             f"This is evaluation {folder.rsplit('-', 1)[-1]} of this experiment on the test set; "
             f"the earlier ones are in `{FINAL_DIR}/` and beside it. Picking one of them by its "

@@ -55,19 +55,28 @@ def load(paths: list[str]) -> Experiments:
     )
 
 
-def without_trial_row(exps: Experiments) -> pd.DataFrame:
+def without_trial_row(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
     """Trials with epoch rows but no trial row: running now, or their search was killed
     (`--resume` records them). Columns experiment, trial_id, epochs, best_val_accuracy."""
     cols = ["experiment", "trial_id", "epochs", "best_val_accuracy"]
-    if exps.epochs.empty:
+    if epochs.empty:
         return pd.DataFrame(columns=cols)
-    known = set(zip(exps.trials.get("experiment", []), exps.trials.get("trial_id", []),
-                    strict=True))
-    keys = list(zip(exps.epochs["experiment"], exps.epochs["trial_id"], strict=True))
-    rest = exps.epochs[[k not in known for k in keys]]
+    if "experiment" not in epochs:
+        trials, epochs = trials.assign(experiment=""), epochs.assign(experiment="")
+    known = set(zip(trials.get("experiment", []), trials.get("trial_id", []), strict=True))
+    keys = list(zip(epochs["experiment"], epochs["trial_id"], strict=True))
+    rest = epochs[[k not in known for k in keys]]
     return (rest.groupby(["experiment", "trial_id"], sort=True)
             .agg(epochs=("epoch", "max"), best_val_accuracy=("val_accuracy", "max"))
             .reset_index()[cols])
+
+
+def unranked_note(pending: pd.DataFrame, several: bool) -> str:
+    """One line naming what `without_trial_row` found."""
+    named = ", ".join(f"{r.experiment + '/' if several else ''}{r.trial_id} (epoch {r.epochs}, "
+                      f"best {r.best_val_accuracy:.4f})" for r in pending.itertuples())
+    return (f"not ranked: {len(pending)} trial(s) with epochs but no trial row yet, still "
+            f"running or in a search that was killed (--resume records them): {named}")
 
 
 def varying_params(trials: pd.DataFrame) -> list[str]:

@@ -231,7 +231,7 @@ def test_leaderboard_names_trials_with_epochs_but_no_trial_row(two, capsys):
                                  preserve_index=False)
     a.write_table(table, "epochs/part-running.parquet")
     exps = lb.load([str(root / "exp-a")])
-    assert lb.without_trial_row(exps).to_dict("records") == [
+    assert lb.without_trial_row(exps.trials, exps.epochs).to_dict("records") == [
         {"experiment": "exp-a", "trial_id": "t-running", "epochs": 2,
          "best_val_accuracy": 0.61}]
     assert results_main(["leaderboard", str(root / "exp-a"), "--format", "csv"]) == 0

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -413,6 +414,11 @@ def test_final_retrains_a_stopped_trial_as_the_search_trained_it(ray_session, ti
     assert sorted(trials["epochs"]) == [1, 1, 3, 4, 4]
     stopped = trials[trials["epochs"] == 3].iloc[0]
     assert stopped["stop_reason"] == "stopped by hyperband at epoch 3"
+    # a trial with epochs and no trial row (as while a search runs) is named, not chosen
+    store = ExperimentStore(str(tmp_path), "hb")
+    ghost = store.read_epochs().head(1).assign(trial_id="ghost", val_accuracy=0.99)
+    store.write_table(pa.Table.from_pandas(ghost, schema=EPOCH_SCHEMA, preserve_index=False),
+                      "epochs/part-ghost.parquet")
     out = io.StringIO()
     assert results_main(["final", str(tmp_path / "hb"), "--trial", stopped["trial_id"],
                          "--seeds", "1"], out=out) == 0, out.getvalue()
@@ -429,8 +435,10 @@ def test_final_retrains_a_stopped_trial_as_the_search_trained_it(ray_session, ti
     assert steps == 3 * math.ceil(300 / 64)  # train+validation images, batch size 64
     expected = config["learning_rate"] * 0.5 * (1 + math.cos(math.pi * 3 / 4))
     assert float(model.optimizer.learning_rate) == pytest.approx(expected, rel=1e-4)
-    assert "for 3 epochs (of its 4-epoch cosine schedule" in (
-        tmp_path / "hb" / "final" / "report.md").read_text()
+    report = (tmp_path / "hb" / "final" / "report.md").read_text()
+    assert "for 3 epochs (of its 4-epoch cosine schedule" in report
+    assert "note: not ranked: 1 trial(s) with epochs but no trial row yet" in out.getvalue()
+    assert "ghost (epoch 1, best 0.9900)" in out.getvalue() and "ghost (epoch 1" in report
 
 
 def test_failing_trials_are_recorded_and_final_refuses(ray_session, tiny_data_dir, tmp_path):
