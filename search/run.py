@@ -362,7 +362,7 @@ def hyperband_brackets(max_t: int, factor: float) -> list[list[tuple[int, int]]]
     whose r0 rounds to 0 is skipped. New configs fill the brackets in this order.
     """
     s_max_1 = int(round(math.log(max_t) / math.log(factor))) + 1
-    bands = []
+    brackets = []
     for s in range(s_max_1):
         n, r = math.ceil(s_max_1 / (s + 1) * factor**s), int(max_t * factor ** (-s))
         if r == 0:
@@ -371,8 +371,8 @@ def hyperband_brackets(max_t: int, factor: float) -> list[list[tuple[int, int]]]
         for _ in range(s):
             n, r = math.ceil(n / factor), int(min(r * factor, max_t))
             rounds.append((n, r))
-        bands.append(rounds)
-    return bands
+        brackets.append(rounds)
+    return brackets
 
 
 def describe_hyperband(max_t: int, factor: float) -> str:
