@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None, out=None) -> int:
     out = out or sys.stdout
     try:
         args = build_parser().parse_args(argv)
-        if getattr(args, "top", 1) < 1 or getattr(args, "seeds", 1) < 1:
-            raise UsageError("--top and --seeds must be >= 1")
+        for flag in ("top", "seeds"):
+            if getattr(args, flag, 1) < 1:
+                raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
         out_path = getattr(args, "out", None)
         if out_path:  # checked before any experiment is read
             where = Path(out_path) if args.command == "plots" else Path(out_path).parent

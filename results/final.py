@@ -114,10 +114,7 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
         print(f"note: {lb.unranked_note(pending, False)}; final chooses among the others",
               file=out, flush=True)
 
-    # Heavy imports only now: the checks above answer in a second.
     from fmnist.data import load_test
-    from fmnist.evaluate import evaluate
-    from fmnist.train import train
 
     location = data_dir or experiment["data_location"]
     splits = experiment_splits(experiment, data_dir)
@@ -128,6 +125,10 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
     data = {"x_train": np.concatenate([splits.x_train, splits.x_val]),
             "y_train": np.concatenate([splits.y_train, splits.y_val]),
             "x_val": splits.x_val[:0], "y_val": splits.y_val[:0]}
+
+    # TensorFlow only now: the checks above (data included) answer without it.
+    from fmnist.evaluate import evaluate
+    from fmnist.train import train
     folder = store.final_folder()
     if folder != FINAL_DIR:
         print(f"{FINAL_DIR}/ already holds an evaluation; this one goes to {folder}/ "

@@ -293,6 +293,23 @@ def test_cli_on_a_folder_that_is_not_an_experiment(tmp_path):
         assert "not an experiment" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_final_with_a_data_dir_lacking_the_files_is_one_line_before_tensorflow(two):
+    # in a fresh interpreter, where TensorFlow would print its start-up lines if imported
+    root, _, _ = two
+    (root / "empty").mkdir()
+    for argv, message in (
+            (["final", str(root / "exp-a"), "--data-dir", str(root / "empty")],
+             "error: data dir {} lacks train-images-idx3-ubyte"),
+            (["leaderboard", str(root / "exp-a"), "--top", "0"], "error: --top must be >= 1"),
+            (["final", str(root / "exp-a"), "--seeds", "0"], "error: --seeds must be >= 1")):
+        out = subprocess.run([sys.executable, "-m", "results", *argv], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2
+        assert out.stderr.startswith(message.format(root / "empty")), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (root / "exp-a" / "final").exists()
+
+
 def test_analysis_and_training_code_never_import_ray():
     code = ("import sys\n"
             "import fmnist.data, fmnist.models, fmnist.train, fmnist.evaluate\n"
