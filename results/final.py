@@ -42,7 +42,8 @@ def choose(trials: pd.DataFrame, trial_id: str | None, top: int) -> pd.DataFrame
             raise FinalError(f"no trial {trial_id!r} in this experiment")
         if picked["best_val_accuracy"].isna().all():
             raise FinalError(f"trial {trial_id!r} never finished an epoch")
-        return picked.assign(experiment="", rank=0)
+        board = lb.ranked(trials.assign(experiment=""))  # its rank on the leaderboard
+        return board[board["trial_id"] == trial_id]
     if finished.empty:
         raise FinalError("the experiment has no finished trial to evaluate")
     return lb.ranked(finished.assign(experiment="")).head(top)

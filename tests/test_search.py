@@ -437,6 +437,8 @@ def test_final_retrains_a_stopped_trial_as_the_search_trained_it(ray_session, ti
     assert float(model.optimizer.learning_rate) == pytest.approx(expected, rel=1e-4)
     report = (tmp_path / "hb" / "final" / "report.md").read_text()
     assert "for 3 epochs (of its 4-epoch cosine schedule" in report
+    rank = int((trials["best_val_accuracy"] > stopped["best_val_accuracy"]).sum()) + 1
+    assert f"trial {stopped['trial_id']} (rank {rank}), seed 1/1" in out.getvalue()
     assert "note: not ranked: 1 trial(s) with epochs but no trial row yet" in out.getvalue()
     assert "ghost (epoch 1, best 0.9900)" in out.getvalue() and "ghost (epoch 1" in report
 
