@@ -191,6 +191,34 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        problem = self.architecture_problem()
+        if problem:
+            raise ConfigError(problem)
+
+    def architecture_problem(self) -> str | None:
+        """Why fmnist.models cannot build this config's model family, or None. Checked with
+        the rest, so a space or a flag that names an unbuildable model is refused before any
+        training (before a search starts Ray), not in every trial that draws it."""
+        if self.model in ("cnn", "vgg") and not 1 <= self.blocks <= 4:
+            # 28 -> 14 -> 7 -> 3 -> 1: a fifth 2x2 pooling would leave nothing.
+            return f"blocks must be between 1 and 4 for 28x28 inputs, got {self.blocks}"
+        if self.model == "cnn" and self.kernel_size not in (3, 5):
+            return f"kernel_size must be 3 or 5, got {self.kernel_size}"
+        if self.model == "vgg":
+            convs = self.convs_per_block
+            counts = convs if isinstance(convs, tuple) else (convs,)
+            if isinstance(convs, tuple) and len(convs) != self.blocks:
+                return (f"convs_per_block has {len(convs)} entries but blocks={self.blocks}: "
+                        "give one number, or one per block")
+            if min(counts, default=0) < 1:
+                return f"convs_per_block must be >= 1, got {convs}"
+        if self.model == "mlp" and not 1 <= self.hidden_layers <= 5:
+            return f"hidden_layers must be between 1 and 5, got {self.hidden_layers}"
+        if self.model == "resnet" and not 1 <= self.stages <= 4:
+            return f"stages must be between 1 and 4, got {self.stages}"
+        if self.model == "resnet" and self.blocks_per_stage < 1:
+            return f"blocks_per_stage must be >= 1, got {self.blocks_per_stage}"
+        return None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:

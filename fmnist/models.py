@@ -3,6 +3,8 @@
 Keras 3 APIs only (no `tf.*`), so the same code runs under KERAS_BACKEND=tensorflow or jax.
 Every model takes raw uint8 images of shape (28, 28) and returns 10 softmax probabilities;
 normalization and augmentation are layers inside the model, so a saved model is self-contained.
+The config is a `fmnist.config.TrainConfig`, which has already checked that its family can be
+built (`TrainConfig.architecture_problem`: 1-4 pooling blocks on 28x28, and so on).
 """
 
 from __future__ import annotations
@@ -89,24 +91,12 @@ def _filters(cfg: Any, block: int) -> int:
     return min(cfg.base_filters * 2**block, cfg.max_filters)
 
 
-def _per_block(value: int | tuple[int, ...], blocks: int, what: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * blocks
-    if len(value) != blocks:
-        raise ValueError(f"{what} has {len(value)} entries but blocks={blocks}")
-    return tuple(value)
-
-
-def _pool_limit(blocks: int, what: str) -> None:
-    # 28 -> 14 -> 7 -> 3 -> 1: a fifth 2x2 pooling would leave nothing.
-    if not 1 <= blocks <= 4:
-        raise ValueError(f"{what} must be between 1 and 4 for 28x28 inputs, got {blocks}")
+def _per_block(value: int | tuple[int, ...], blocks: int) -> tuple[int, ...]:
+    return (value,) * blocks if isinstance(value, int) else tuple(value)
 
 
 def build_mlp(cfg: Any) -> keras.Model:
     """Fully connected baseline: 1-5 hidden layers of `units`, ReLU, optional BN and dropout."""
-    if not 1 <= cfg.hidden_layers <= 5:
-        raise ValueError(f"hidden_layers must be between 1 and 5, got {cfg.hidden_layers}")
     inputs, x = _stem(cfg)
     x = layers.Flatten(name="flatten")(x)
     for i in range(cfg.hidden_layers):
@@ -122,9 +112,6 @@ def build_mlp(cfg: Any) -> keras.Model:
 
 def build_cnn(cfg: Any) -> keras.Model:
     """The notebooks' small CNNs: `blocks` x (conv, [BN], ReLU, max-pool, [dropout]), dense."""
-    _pool_limit(cfg.blocks, "blocks")
-    if cfg.kernel_size not in (3, 5):
-        raise ValueError(f"kernel_size must be 3 or 5, got {cfg.kernel_size}")
     inputs, x = _stem(cfg)
     for b in range(cfg.blocks):
         x = _conv_bn_relu(x, _filters(cfg, b), cfg.kernel_size, cfg, f"block{b}")
@@ -142,8 +129,7 @@ def build_vgg(cfg: Any) -> keras.Model:
     CustomVGG is blocks=4, convs_per_block=(2, 2, 3, 3), base_filters=32, dense_units=256,
     dropout=0.3.
     """
-    _pool_limit(cfg.blocks, "blocks")
-    convs = _per_block(cfg.convs_per_block, cfg.blocks, "convs_per_block")
+    convs = _per_block(cfg.convs_per_block, cfg.blocks)
     inputs, x = _stem(cfg)
     for b, n in enumerate(convs):
         for c in range(n):
@@ -159,10 +145,6 @@ def build_resnet(cfg: Any) -> keras.Model:
     stages=4, blocks_per_stage=1 is notebook 000's ResNet-10 (1 + 4x2 convs + 1 dense).
     Stages after the first halve the resolution with a strided conv and a 1x1 projection.
     """
-    if not 1 <= cfg.stages <= 4:
-        raise ValueError(f"stages must be between 1 and 4, got {cfg.stages}")
-    if cfg.blocks_per_stage < 1:
-        raise ValueError(f"blocks_per_stage must be >= 1, got {cfg.blocks_per_stage}")
     inputs, x = _stem(cfg)
     x = _conv_bn_relu(x, cfg.base_filters, 3, cfg, "stem")
     for s in range(cfg.stages):

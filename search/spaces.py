@@ -134,13 +134,21 @@ def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sp
         raise SpaceError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(raw, dict) or not raw:
         raise SpaceError(f"{path}: expected a mapping of TrainConfig keys to values")
+    file_ok = True  # then a combination that fails is the --set's doing
+    if overrides:
+        try:
+            parse_space(dict(raw), name=path.stem, source=str(path))
+        except SpaceError:
+            file_ok = False
     raw.update(overrides or {})
-    return parse_space(raw, name=path.stem, source=str(path), set_keys=set(overrides or ()))
+    return parse_space(raw, name=path.stem, source=str(path), set_keys=set(overrides or ()),
+                       file_ok=file_ok)
 
 
 def parse_space(raw: dict[str, Any], name: str, source: str,
-                set_keys: set[str] = frozenset()) -> Space:
-    """A checked Space; a mistake in a key of `set_keys` is blamed on its `--set`."""
+                set_keys: set[str] = frozenset(), file_ok: bool = False) -> Space:
+    """A checked Space; a mistake in a key of `set_keys` is blamed on its `--set`, and so is
+    one between keys when the file alone was valid (`file_ok`)."""
     known = {f.name for f in fields(TrainConfig)}
     space = Space(name=name, source=source)
     for key, value in raw.items():
@@ -155,7 +163,7 @@ def parse_space(raw: dict[str, Any], name: str, source: str,
         raise SpaceError(f"{source}: model: must be a fixed value (one family per space)")
     if "epochs" in space.dists:
         raise SpaceError(f"{source}: epochs: must be fixed (it is the scheduler's max_t)")
-    _check_values(space, set_keys)
+    _check_values(space, set_keys, file_ok)
     return space
 
 
@@ -188,8 +196,11 @@ def _parse_dist(where: str, value: dict[str, Any]) -> Dist:
     return Dist(kind, tuple(args))
 
 
-def _check_values(space: Space, set_keys: set[str] = frozenset()) -> None:
-    """Every fixed value and every distribution's extremes must make a valid TrainConfig."""
+def _check_values(space: Space, set_keys: set[str] = frozenset(),
+                  file_ok: bool = False) -> None:
+    """Every fixed value and every distribution's extremes must make a valid TrainConfig,
+    one that fmnist.models can build."""
+    given = ", ".join(sorted(set_keys))
     try:
         base = TrainConfig.from_dict(space.fixed)
     except (ConfigError, TypeError) as exc:
@@ -198,7 +209,8 @@ def _check_values(space: Space, set_keys: set[str] = frozenset()) -> None:
                 TrainConfig.from_dict({key: space.fixed[key]})
             except (ConfigError, TypeError) as own:
                 raise SpaceError(f"--set {key}: {own}") from None
-        raise SpaceError(f"{space.source}: {exc}") from None
+        where = f"--set {given}" if set_keys and file_ok else space.source
+        raise SpaceError(f"{where}: {exc}") from None
     for key, d in space.dists.items():
         candidates = d.args if d.kind in ("choice", "grid") else d.args[:2]
         for value in candidates:
@@ -207,7 +219,12 @@ def _check_values(space: Space, set_keys: set[str] = frozenset()) -> None:
             try:
                 base.replace(**{key: value})
             except (ConfigError, TypeError) as exc:
-                where = f"--set {key}" if key in set_keys else f"{space.source}: {key}"
+                if key in set_keys:
+                    where = f"--set {key}"
+                elif set_keys and file_ok:  # the file's distribution, broken by a --set
+                    where = f"--set {given}: {space.source}: {key}"
+                else:
+                    where = f"{space.source}: {key}"
                 raise SpaceError(f"{where}: {value!r} is not valid ({exc})") from None
 
 

@@ -92,8 +92,25 @@ def test_searcher_values_are_coerced():
     assert cfg.convs_per_block == (2, 3, 3)
 
 
-def test_bad_block_count_is_a_clear_error():
-    with pytest.raises(ValueError, match="blocks must be between 1 and 4"):
-        build_model(TrainConfig(model="vgg", blocks=5))
-    with pytest.raises(ValueError, match="convs_per_block has 3 entries but blocks=4"):
-        build_model(TrainConfig(model="vgg", blocks=4, convs_per_block=(1, 2, 3)))
+@pytest.mark.parametrize("values,match", [
+    (dict(model="vgg", blocks=5), "blocks must be between 1 and 4 for 28x28 inputs, got 5"),
+    (dict(model="cnn", blocks=0), "blocks must be between 1 and 4"),
+    (dict(model="vgg", blocks=4, convs_per_block=(1, 2, 3)),
+     "convs_per_block has 3 entries but blocks=4"),
+    (dict(model="vgg", convs_per_block=0), "convs_per_block must be >= 1"),
+    (dict(model="cnn", kernel_size=7), "kernel_size must be 3 or 5, got 7"),
+    (dict(model="mlp", hidden_layers=6), "hidden_layers must be between 1 and 5, got 6"),
+    (dict(model="resnet", stages=5), "stages must be between 1 and 4, got 5"),
+    (dict(model="resnet", blocks_per_stage=0), "blocks_per_stage must be >= 1, got 0"),
+])
+def test_a_model_that_cannot_be_built_is_a_config_error(values, match):
+    # The config refuses it (no Keras needed), so spaces and flags are checked before training
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**values)
+
+
+def test_only_the_familys_own_architecture_keys_are_checked():
+    # an mlp has no conv blocks, a cnn no hidden layers: their values do not matter there
+    for values in (dict(model="mlp", blocks=9, kernel_size=7), dict(model="cnn", hidden_layers=9,
+                                                                      stages=9)):
+        build_model(TrainConfig(**values))

@@ -21,6 +21,7 @@ from fmnist.data import digest_arrays, load_splits, load_test
 from results.store import EPOCH_SCHEMA, TRIAL_COLUMNS, ExperimentStore
 from search import run
 from search.spaces import load_space
+from search.trainable import FMNISTTrainable
 from tests.conftest import REPO, run_cli, search_args, write_dataset
 
 SCHEDULERS = ["asha", "hyperband", "median", "fifo"]
@@ -443,19 +444,35 @@ def test_final_retrains_a_stopped_trial_as_the_search_trained_it(ray_session, ti
     assert "ghost (epoch 1, best 0.9900)" in out.getvalue() and "ghost (epoch 1" in report
 
 
+def build_fails_for_units_16():
+    """The real trainable, except that a 16-unit model fails to build (as a model too large for
+    the machine's memory would): a space can no longer name a model that cannot be built, it is
+    refused before Ray starts (test_an_unbuildable_model_is_refused_before_ray). Defined in a
+    function, so Ray sends the class to its workers by value (they cannot import tests)."""
+
+    class BuildFailsForUnits16(FMNISTTrainable):
+        def _build(self, config):
+            if {**self._fixed, **config}.get("units") == 16:
+                raise ValueError("injected: the 16-unit model cannot be built")
+            super()._build(config)
+
+    return BuildFailsForUnits16
+
+
 def test_failing_trials_are_recorded_and_final_refuses(ray_session, tiny_data_dir, tmp_path):
     from results.__main__ import main as results_main
 
-    space = tmp_path / "broken.yaml"  # valid config, but a VGG of 4 blocks needs 4 conv counts
-    space.write_text("model: vgg\nepochs: 2\nblocks: 4\nconvs_per_block: [1, 2]\n"
-                     "base_filters: {choice: [2, 4]}\n")
+    space = tmp_path / "broken.yaml"  # every config has 16 units: every trial fails to build
+    space.write_text("model: mlp\nepochs: 2\nhidden_layers: 1\nunits: 16\n"
+                     "batch_size: {choice: [32, 64]}\n")
     out = io.StringIO()
-    code = run.main(search_args(tiny_data_dir, space, tmp_path, "broken", "--num-samples", "2",
-                                "--max-failures", "0"), out=out)
+    code = run.run_search(run.resolve(search_args(tiny_data_dir, space, tmp_path, "broken",
+                                                  "--num-samples", "2", "--max-failures", "0")),
+                          out=out, trainable_cls=build_fails_for_units_16())
     assert code == 1
     trials = ExperimentStore(str(tmp_path), "broken").read_trials()
     assert len(trials) == 2 and set(trials["status"]) == {"error"}
-    assert trials["error"].str.contains("convs_per_block has 2 entries but blocks=4").all()
+    assert trials["error"].str.contains("the 16-unit model cannot be built").all()
     assert trials["stop_reason"].str.startswith("error at epoch 1").all()
     proc = subprocess.run([sys.executable, "-m", "results", "final", str(tmp_path / "broken")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -464,18 +481,44 @@ def test_failing_trials_are_recorded_and_final_refuses(ray_session, tiny_data_di
 
 
 def test_one_failing_trial_does_not_stop_the_others(ray_session, tiny_data_dir, tmp_path):
-    space = tmp_path / "mixed.yaml"  # blocks=5 cannot be built on 28x28 images; blocks=1 can
-    space.write_text("model: cnn\nepochs: 2\nbase_filters: 4\ndense_units: 8\n"
-                     "blocks: {grid: [1, 5]}\n")
+    space = tmp_path / "mixed.yaml"  # the 16-unit config fails to build; the 8-unit one trains
+    space.write_text("model: mlp\nepochs: 2\nhidden_layers: 1\nunits: {grid: [8, 16]}\n")
     out = io.StringIO()
-    code = run.main(search_args(tiny_data_dir, space, tmp_path, "mixed", "--searcher", "grid",
-                                "--num-samples", "1", "--max-failures", "0", "--scheduler",
-                                "fifo"), out=out)
+    argv = search_args(tiny_data_dir, space, tmp_path, "mixed", "--searcher", "grid",
+                       "--num-samples", "1", "--max-failures", "0", "--scheduler", "fifo")
+    code = run.run_search(run.resolve(argv), out=out, trainable_cls=build_fails_for_units_16())
     assert code == 1  # the exit code says some trials failed
-    trials = ExperimentStore(str(tmp_path), "mixed").read_trials().set_index("params_blocks")
-    assert trials.loc[5, "status"] == "error"
-    assert "blocks must be between 1 and 4" in trials.loc[5, "error"]
-    assert trials.loc[1, "status"] == "completed" and trials.loc[1, "epochs"] == 2
+    trials = ExperimentStore(str(tmp_path), "mixed").read_trials().set_index("params_units")
+    assert trials.loc[16, "status"] == "error"
+    assert "the 16-unit model cannot be built" in trials.loc[16, "error"]
+    assert trials.loc[8, "status"] == "completed" and trials.loc[8, "epochs"] == 2
+
+
+@pytest.mark.parametrize("text,flags,message", [
+    ("model: cnn\nepochs: 2\nblocks: {grid: [1, 5]}\n", [],
+     "{space}: blocks: 5 is not valid (blocks must be between 1 and 4 for 28x28 inputs"),
+    ("model: vgg\nepochs: 2\nblocks: 4\nconvs_per_block: [1, 2]\n", [],
+     "{space}: convs_per_block has 2 entries but blocks=4"),
+    ("model: mlp\nepochs: 2\n", ["--set", "hidden_layers=6"],
+     "--set hidden_layers: hidden_layers must be between 1 and 5, got 6"),
+    # the --set fits alone but not with the file's 4 conv counts: the --set is named
+    ("model: vgg\nepochs: 2\nblocks: 4\nconvs_per_block: [2, 2, 3, 3]\n",
+     ["--set", "blocks=3"], "--set blocks: convs_per_block has 4 entries but blocks=3"),
+    ("model: cnn\nepochs: 2\nkernel_size: {choice: [3, 7]}\n", [],
+     "{space}: kernel_size: 7 is not valid (kernel_size must be 3 or 5, got 7)"),
+    ("model: resnet\nepochs: 2\nstages: {randint: [1, 6]}\n", [],
+     "{space}: stages: 5 is not valid (stages must be between 1 and 4, got 5)"),
+])
+def test_an_unbuildable_model_is_refused_before_ray(tiny_data_dir, tmp_path, text, flags,
+                                                    message):
+    # It was a trial error at epoch 1 in every trial that drew it, after Ray had started.
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    out = run_cli(*search_args(tiny_data_dir, space, tmp_path, "unbuildable"), *flags)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"error: {message.format(space=space)}"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "NO_RAY" in out.stdout
+    assert not (tmp_path / "unbuildable").exists()
 
 
 def test_max_concurrent_one_runs_trials_one_after_the_other(ray_session, tiny_data_dir,
