@@ -201,8 +201,12 @@ def _check_values(space: Space, set_keys: set[str] = frozenset(),
     """Every fixed value and every distribution's extremes must make a valid TrainConfig,
     one that fmnist.models can build."""
     given = ", ".join(sorted(set_keys))
+    # The sampled keys' defaults may not fit the fixed values where no draw would be wrong
+    # (3 fixed VGG conv counts, blocks {choice: [3]}, and blocks' default 2): then the base
+    # takes each sampled key's first value.
+    firsts = {k: d.args[0] for k, d in space.dists.items()}
     try:
-        base = TrainConfig.from_dict(space.fixed)
+        base = _first_valid(space.fixed, {**space.fixed, **firsts})
     except (ConfigError, TypeError) as exc:
         for key in sorted(set_keys & space.fixed.keys()):  # a bad value on its own
             try:
@@ -226,6 +230,17 @@ def _check_values(space: Space, set_keys: set[str] = frozenset(),
                 else:
                     where = f"{space.source}: {key}"
                 raise SpaceError(f"{where}: {value!r} is not valid ({exc})") from None
+
+
+def _first_valid(*candidates: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of the first candidate that makes one; else the first one's error."""
+    error = None
+    for values in candidates:
+        try:
+            return TrainConfig.from_dict(values)
+        except (ConfigError, TypeError) as exc:
+            error = error or exc
+    raise error
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -83,6 +83,21 @@ def test_overrides_pin_and_replace_distributions():
         parse_override("blocks")
 
 
+def test_architecture_checks_use_the_spaces_values_not_the_defaults(tmp_path):
+    # 3 fixed conv counts fit every draw of blocks {choice: [3]}, though blocks' default is 2
+    path = tmp_path / "vgg3.yaml"
+    path.write_text("model: vgg\nconvs_per_block: [1, 2, 2]\nblocks: {choice: [3]}\n")
+    assert load_space(str(path)).fixed["convs_per_block"] == [1, 2, 2]
+    path.write_text("model: vgg\nconvs_per_block: [1, 2, 2]\nblocks: {choice: [3, 4]}\n")
+    with pytest.raises(SpaceError, match=r"blocks: 4 is not valid \(convs_per_block has 3"):
+        load_space(str(path))  # a draw of 4 blocks could not be built
+    # a --set that does not fit the (valid) file is named, with the file's key it breaks
+    path.write_text("model: vgg\nconvs_per_block: 1\nblocks: {choice: [3, 4]}\n")
+    with pytest.raises(SpaceError, match=rf"^--set convs_per_block: {re.escape(str(path))}: "
+                       r"blocks: 4 is not valid"):
+        load_space(str(path), dict([parse_override("convs_per_block=[1, 2, 2]")]))
+
+
 @pytest.mark.parametrize(
     "override,match",
     [
