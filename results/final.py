@@ -143,12 +143,13 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
             note = slow_precision_note(base)
             if note:
                 print(note, file=out, flush=True)
+            ran = int(trial["epochs"])
+            retrain = epochs_text(base, ran)
             for s in range(seeds):
                 cfg = base.replace(seed=base.seed + s)
-                ran = int(trial["epochs"])
                 print(f"trial {trial['trial_id']} (rank {trial['rank']}), seed {s + 1}/{seeds}: "
-                      f"{epochs_text(cfg, ran)} on {len(data['y_train']):,} train+validation "
-                      "images", file=out, flush=True)
+                      f"{retrain} on {len(data['y_train']):,} train+validation images",
+                      file=out, flush=True)
 
                 def progress(m, ran=ran):
                     print(f"  epoch {m['epoch']}/{ran}  loss {m['loss']:.4f}  "
@@ -170,7 +171,7 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
                              "config": json.dumps(cfg.to_dict(), default=list)})
                 if saved is None:  # the first seed of the best configuration is the one kept
                     run.model.save(final_dir / "model.keras")
-                    saved = (trial, ev, probs)
+                    saved = (trial, ev, probs, retrain)
                     per_class = [{"trial_id": trial["trial_id"], "seed": cfg.seed, **r}
                                  for r in ev.per_class()]
         results = pd.DataFrame(rows)
@@ -178,7 +179,7 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
         store.write_table(pa_table, f"{folder}/final.parquet")
         store.write_table(pa.Table.from_pylist(per_class), f"{folder}/per_class.parquet")
 
-        trial, ev, probs = saved
+        trial, ev, probs, retrain = saved
         figures = {
             "confusion_matrix.png": plots.confusion_heatmap(
                 ev.confusion, names, final_dir / "confusion_matrix.png",
@@ -190,7 +191,7 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
         flags = drawn["hyperparameters.png"]["flags"]
         summary = summarize(results)
         report = render_report(experiment, trials, epochs, results, summary, ev, trial, flags,
-                               argv or [], folder)
+                               argv or [], folder, pending, retrain)
         (final_dir / "report.md").write_text(report)
     print(f"test accuracy {accuracy_text(summary)}; report: {store.uri(folder, 'report.md')}",
           file=out, flush=True)
@@ -260,10 +261,12 @@ def write_figures(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
 
 def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame,
                   results: pd.DataFrame, summary: dict[str, Any], ev, trial: pd.Series,
-                  flags: dict[str, str], argv: list[str], folder: str = FINAL_DIR) -> str:
-    """report.md: leaderboard, plots, final figures, accounting, provenance."""
+                  flags: dict[str, str], argv: list[str], folder: str, pending: pd.DataFrame,
+                  retrain: str) -> str:
+    """report.md: leaderboard, plots, final figures, accounting, provenance. `pending`: the
+    trials without a trial row (lb.without_trial_row); `retrain`: how long the best
+    configuration was retrained (epochs_text)."""
     acct = lb.accounting(experiment, trials, epochs)
-    pending = lb.without_trial_row(trials, epochs)
     board = lb.leaderboard(trials.assign(experiment=experiment["name"]), top=10)
     versions = json.loads(experiment.get("versions") or "{}")
     per_class = pd.DataFrame(ev.per_class()).round(4)
@@ -276,7 +279,7 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
         f"Best configuration: trial `{summary['trial_id']}` (family "
         f"`{trial['family']}`), retrained on train+validation "
         f"({int(results['train_images'].iloc[0]):,} images) for "
-        f"{epochs_text(config_for(trial), int(trial['epochs']))} with {summary['seeds']} "
+        f"{retrain} with {summary['seeds']} "
         "seed(s), then evaluated once on the "
         f"{int(results['test_images'].iloc[0]):,}-image test set.",
         "",

@@ -134,15 +134,18 @@ def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sp
         raise SpaceError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(raw, dict) or not raw:
         raise SpaceError(f"{path}: expected a mapping of TrainConfig keys to values")
-    file_ok = True  # then a combination that fails is the --set's doing
-    if overrides:
-        try:
-            parse_space(dict(raw), name=path.stem, source=str(path))
+    if not overrides:
+        return parse_space(raw, name=path.stem, source=str(path))
+    combined, set_keys = {**raw, **overrides}, set(overrides)
+    try:
+        return parse_space(combined, name=path.stem, source=str(path), set_keys=set_keys)
+    except SpaceError as error:
+        try:  # which is at fault: a file that is valid alone makes it the --set's doing
+            parse_space(raw, name=path.stem, source=str(path))
         except SpaceError:
-            file_ok = False
-    raw.update(overrides or {})
-    return parse_space(raw, name=path.stem, source=str(path), set_keys=set(overrides or ()),
-                       file_ok=file_ok)
+            raise error from None  # the combination's error, as first reported
+    return parse_space(combined, name=path.stem, source=str(path), set_keys=set_keys,
+                       file_ok=True)
 
 
 def parse_space(raw: dict[str, Any], name: str, source: str,
