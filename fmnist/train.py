@@ -6,30 +6,29 @@ Run one config on the real data: `python -m fmnist.train --model cnn --epochs 5`
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 
-if __name__ == "__main__":  # the CLI: a backend Keras cannot load is one line, not a traceback
-    from fmnist.config import keras_backend_problem
+if __name__ == "__main__":  # the CLI: every mistake is one line, before Keras is imported
+    from fmnist.cli import prepare
 
-    if _problem := keras_backend_problem():
-        print(f"error: {_problem}", file=sys.stderr)
-        sys.exit(2)
+    _PREPARED = prepare(sys.argv[1:])
+    if isinstance(_PREPARED, int):
+        sys.exit(_PREPARED)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
+from fmnist.cli import RESUME_MAY_CHANGE, Prepared, prepare, resumed_config  # noqa: E402,F401
 from fmnist.config import (  # noqa: E402,F401
     METRIC,
     MODE,
@@ -331,96 +330,9 @@ def train(
 # ----------------------------------------------------------------------------- CLI
 
 
-def _parse_value(text: str) -> Any:
-    """Parse a command-line value the way YAML would (numbers, booleans, lists)."""
-    return load_yaml(text)
-
-
-def config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per TrainConfig field, defaults from the dataclass."""
-    group = parser.add_argument_group("training config (TrainConfig fields)")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        group.add_argument(flag, dest=f.name, type=_parse_value, default=None,
-                           help=f"default: {f.default}")
-
-
-# What a resumed run may change: how long it trains, and how it uses the machine.
-RESUME_MAY_CHANGE = ("epochs", "eval_batch_size", *RUNTIME_KEYS)
-
-
-def resumed_config(folder: str, flags: dict[str, Any]) -> TrainConfig:
-    """The config a checkpoint was trained with, changed only in RESUME_MAY_CHANGE by `flags`.
-
-    The checkpoint's model and optimizer (its schedule, its compiled step) are what training
-    continues with, so another flag that differs would be ignored in part (the model) and
-    applied in part (the batch size, augmentation): refused instead, as `search/run.py
-    --resume` refuses changes.
-    """
-    from fmnist.data import DataError
-
-    path = Path(folder) / "state.json"
-    if not path.is_file():
-        raise DataError(f"--resume {folder}: not a checkpoint folder (no state.json; "
-                        "--save writes one)")
-    try:
-        state = json.loads(path.read_text())
-        done, saved = int(state["epoch"]), TrainConfig.from_dict(state["config"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"--resume {folder}: state.json is not a checkpoint's ({exc})") from None
-    asked = TrainConfig.from_dict({**saved.to_dict(), **flags})
-    changed = [f"--{f.name.replace('_', '-')} {getattr(asked, f.name)} (the checkpoint's: "
-               f"{getattr(saved, f.name)})" for f in fields(TrainConfig)
-               if f.name not in RESUME_MAY_CHANGE
-               and getattr(asked, f.name) != getattr(saved, f.name)]
-    if changed:
-        may = ", ".join("--" + name.replace("_", "-") for name in RESUME_MAY_CHANGE)
-        raise ConfigError(f"--resume {folder}: {'; '.join(changed)}: a resumed run may change "
-                          f"only {may} (the other flags can be left out)")
-    if saved.lr_schedule == "cosine":  # its schedule reaches 0 at the config's last epoch
-        if done >= saved.epochs:
-            raise ConfigError(f"--resume {folder}: the checkpoint ran all {done} epochs of its "
-                              "cosine schedule, whose learning rate is 0 from there")
-        if asked.epochs > saved.epochs:
-            raise ConfigError(f"--resume {folder}: --epochs {asked.epochs} goes past the "
-                              f"{saved.epochs} epochs its cosine schedule decays over (the "
-                              f"learning rate is 0 after them): --epochs {saved.epochs} at most")
-    if asked.epochs <= done:
-        raise ConfigError(f"--resume {folder}: the checkpoint has run {done} epochs; --epochs "
-                          f"{asked.epochs} leaves none to train (--epochs {done + 1} or more)")
-    return asked
-
-
-def main(argv: list[str] | None = None) -> int:
-    from fmnist.data import DataError, folder_problem, load_splits
-
-    parser = argparse.ArgumentParser(
-        prog="python -m fmnist.train", description="Train one config on Fashion-MNIST."
-    )
-    parser.add_argument("--data-dir", help="folder with the four IDX files")
-    parser.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or mnist")
-    parser.add_argument("--train-size", type=int, help="class-balanced subset of the train split")
-    parser.add_argument("--val-size", type=int, default=12_000, help="validation images")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the split")
-    parser.add_argument("--save", help="folder to write the final checkpoint to")
-    parser.add_argument("--resume", help="checkpoint folder to continue from")
-    config_arguments(parser)
-    args = parser.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-              if getattr(args, f.name) is not None}
-    try:
-        problem = folder_problem(args.save) if args.save else None
-        if problem:  # before the training it would lose
-            raise DataError(f"--save {args.save}: {problem}")
-        if args.resume:
-            cfg = resumed_config(args.resume, values)
-        else:
-            cfg = TrainConfig.from_dict(values)
-        data = load_splits(args.data_dir, args.dataset, val_size=args.val_size,
-                           train_size=args.train_size, seed=args.split_seed)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run_prepared(prepared: Prepared) -> int:
+    """Train a command line that `fmnist.cli.prepare` checked, printing every epoch."""
+    cfg, data = prepared.cfg, prepared.data
     print(f"{cfg.model}: train {len(data.y_train)}, val {len(data.y_val)}, "
           f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.learning_rate}")
 
@@ -430,10 +342,16 @@ def main(argv: list[str] | None = None) -> int:
               f"lr {m['lr']:.2e}  {m['epoch_time_s']:.1f}s  "
               f"{m['train_samples_per_s']:.0f} img/s", flush=True)
 
-    run = train(cfg, data, on_epoch_end=show, checkpoint_dir=args.save, resume_from=args.resume)
+    run = train(cfg, data, on_epoch_end=show, checkpoint_dir=prepared.save,
+                resume_from=prepared.resume)
     print(f"params {run.model.count_params():,}, precision {run.precision}")
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    prepared = prepare(sys.argv[1:] if argv is None else argv)
+    return prepared if isinstance(prepared, int) else run_prepared(prepared)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_prepared(_PREPARED))
