@@ -14,7 +14,7 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -130,11 +130,11 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
     # TensorFlow only now: the checks above (data included) answer without it.
     from fmnist.evaluate import evaluate
     from fmnist.train import train
-    folder = store.final_folder()
-    if folder != FINAL_DIR:
-        print(f"{FINAL_DIR}/ already holds an evaluation; this one goes to {folder}/ "
-              "(none is overwritten)", file=out, flush=True)
-    with final_files(store, folder) as final_dir:
+    with claimed(store) as claim, final_files(store, claim.folder) as final_dir:
+        folder = claim.folder  # two finals at once get two folders
+        if claim.passed:
+            print(f"{'; '.join(claim.passed)}; this one goes to {folder}/ (none is "
+                  "overwritten)", file=out, flush=True)
         names = splits.class_names
         rows, per_class, saved = [], [], None
         for trial in chosen.itertuples(index=False):
@@ -160,6 +160,7 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
                 t0 = time.perf_counter()
                 run = train(cfg, data, on_epoch_end=progress)
                 train_s = time.perf_counter() - t0
+                claim.tested = True  # the folder now holds a look at the test set
                 ev, probs = evaluate(run.model, x_test, y_test, names)
                 print(f"  test accuracy {ev.accuracy:.4f}", file=out, flush=True)
                 rows.append({"trial_id": trial["trial_id"], "rank": int(trial["rank"]),
@@ -197,6 +198,29 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
           file=out, flush=True)
     return {"summary": summary, "figures": sorted([*figures, *drawn]),
             "final_dir": store.uri(folder)}
+
+
+@dataclass
+class Claim:
+    folder: str
+    passed: list[str]  # why each earlier folder was passed over
+    tested: bool = False  # whether a model has been tested (the test set looked at)
+
+
+@contextlib.contextmanager
+def claimed(store: ExperimentStore):
+    """Claim a final folder (`claim_final_folder`) for the evaluation, and drop the claim when
+    it ends: it finished (final.parquet marks the folder), or it failed or was stopped before
+    it tested a model (the folder is free again). One that stopped after it tested a model
+    keeps its claim, so the next goes beside it, as it would beside a finished one."""
+    claim = Claim(*store.claim_final_folder())
+    try:
+        yield claim
+    except BaseException:
+        if not claim.tested:
+            store.release_final_folder(claim.folder)
+        raise
+    store.release_final_folder(claim.folder)
 
 
 @contextlib.contextmanager

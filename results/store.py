@@ -11,8 +11,10 @@ Results arrive at least once; the canonical views keep one row per key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -28,6 +30,7 @@ EXPERIMENT_FILE = "experiment.parquet"
 TRIALS_DIR = "trials"
 EPOCHS_DIR = "epochs"
 FINAL_DIR = "final"
+CLAIM_FILE = ".claim.json"  # in a final folder while its evaluation runs
 RAY_DIR = "ray"
 TMP_SUFFIX = ".tmp"
 QUARANTINE_DIR = "_corrupt"
@@ -188,16 +191,70 @@ class ExperimentStore:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
 
-    def final_folder(self) -> str:
-        """Where the next final evaluation goes: `final`, or `final-2`, `final-3`, ... once
-        earlier ones hold results (each one read the test set: none is overwritten)."""
-        n = 1
+    def claim_final_folder(self) -> tuple[str, list[str]]:
+        """Claim the folder for a new final evaluation: `final`, or `final-2`, `final-3`, ...
+        past every one that holds results (each one read the test set: none is overwritten) or
+        is claimed by another evaluation. Returns the folder and why each earlier one was
+        passed over.
+
+        The claim is a file in the folder (CLAIM_FILE) naming the process; `release_final_folder`
+        removes it. On a local disk it is created exclusively, so two evaluations started at
+        once get different folders. A bucket has no exclusive create: there the claim is looked
+        up, then written.
+        """
+        passed, n = [], 1
         while True:
             name = FINAL_DIR if n == 1 else f"{FINAL_DIR}-{n}"
-            taken = self.fs.get_file_info(_join(self.path, name, "final.parquet"))
-            if taken.type == pafs.FileType.NotFound:
-                return name
+            folder = _join(self.path, name)
+            if self.fs.get_file_info(_join(folder, "final.parquet")).type != pafs.FileType.NotFound:
+                passed.append(f"{name}/ holds an earlier evaluation")
+            elif (holder := self._claim(folder)) is None:
+                return name, passed
+            else:
+                passed.append(f"{name}/ is claimed by another evaluation ({holder}): one still "
+                              "running, or one that stopped after it had tested a model")
             n += 1
+
+    def _claim(self, folder: str) -> str | None:
+        """Claim `folder`: None when this process now holds it, else who holds it."""
+        path = _join(folder, CLAIM_FILE)
+        note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        self.fs.create_dir(folder, recursive=True)
+        if _is_local(self.fs):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return self._claim_holder(path)
+            with os.fdopen(fd, "w") as f:
+                f.write(note)
+            return None
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            return self._claim_holder(path)
+        with self.fs.open_output_stream(path) as f:
+            f.write(note.encode())
+        return None
+
+    def _claim_holder(self, path: str) -> str:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                who = json.loads(f.read().decode())
+            return f"process {who['pid']} on {who['host']}, since {who['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "unknown process"
+
+    def release_final_folder(self, name: str) -> None:
+        """Drop this process's claim on `name`: its evaluation finished (its final.parquet
+        marks the folder from now on) or ended before it tested a model (the folder is free
+        again, and removed when nothing else is in it)."""
+        folder = _join(self.path, name)
+        try:
+            self.fs.delete_file(_join(folder, CLAIM_FILE))
+        except (FileNotFoundError, OSError):
+            pass
+        if _is_local(self.fs):
+            with contextlib.suppress(OSError):  # only an empty folder goes
+                os.rmdir(folder)
 
     def _part_path(self, folder: str) -> str:
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"

@@ -49,6 +49,54 @@ def test_checkpoint_trial_files_are_read_back_torn_ones_skipped(tmp_path):
     assert found == [{"trial_id": "a", "config": {"units": 8}}] * 2
 
 
+def _claim_after(barrier, root, queue):
+    barrier.wait()  # every process asks at the same moment
+    queue.put(ExperimentStore(root, "e").claim_final_folder()[0])
+
+
+def test_final_evaluations_started_at_once_claim_different_folders(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of pytest's threads; no TensorFlow
+    barrier, queue = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_claim_after, args=(barrier, str(tmp_path), queue))
+             for _ in range(6)]
+    for proc in procs:
+        proc.start()
+    got = sorted(queue.get(timeout=60) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert got == sorted(["final", *(f"final-{n}" for n in range(2, 7))])
+    store = ExperimentStore(str(tmp_path), "e")
+    name, passed = store.claim_final_folder()  # each claim names its process
+    assert name == "final-7" and len(passed) == 6
+    assert passed[0].startswith("final/ is claimed by another evaluation (process ")
+    # one that ends before it tests a model frees its folder; a finished one keeps it
+    store.release_final_folder("final-3")
+    assert not (tmp_path / "e" / "final-3").exists()
+    (tmp_path / "e" / "final-2" / "final.parquet").write_bytes(b"")
+    store.release_final_folder("final-2")
+    assert not (tmp_path / "e" / "final-2" / ".claim.json").exists()
+    name, passed = store.claim_final_folder()
+    assert name == "final-3" and passed[1] == "final-2/ holds an earlier evaluation"
+
+
+def test_a_final_that_stops_before_testing_frees_its_folder_one_after_keeps_it(tmp_path):
+    from results.final import claimed
+
+    store = ExperimentStore(str(tmp_path), "e")
+    with pytest.raises(KeyboardInterrupt), claimed(store) as claim:
+        raise KeyboardInterrupt  # Ctrl+C while retraining
+    assert claim.folder == "final" and not (tmp_path / "e" / "final").exists()
+    with pytest.raises(RuntimeError), claimed(store) as claim:
+        claim.tested = True
+        raise RuntimeError("the disk filled up while writing the report")
+    assert (tmp_path / "e" / "final" / ".claim.json").is_file()  # it looked at the test set
+    with claimed(store) as claim:
+        assert claim.folder == "final-2" and "final/ is claimed" in claim.passed[0]
+    assert not (tmp_path / "e" / "final-2").exists()  # released (a real one has files there)
+
+
 @pytest.mark.parametrize("damage", ["zero-byte", "truncated"])
 def test_damaged_part_is_reported_and_moved_aside(tmp_path, damage):
     store = ExperimentStore(str(tmp_path), "e")

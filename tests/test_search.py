@@ -386,7 +386,9 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
     assert results_main(["final", str(tmp_path / "final"), "--seeds", "1", "--precision",
                          other], out=out) == 0
     second = tmp_path / "final" / "final-2"  # beside the first, which stays as it was
-    assert "this one goes to final-2/ (none is overwritten)" in out.getvalue()
+    assert ("final/ holds an earlier evaluation; this one goes to final-2/ (none is "
+            "overwritten)") in out.getvalue()
+    assert not list((tmp_path / "final").glob("final*/.claim.json"))  # released when done
     assert set(pq.read_table(second / "final.parquet").column("precision").to_pylist()) == {
         other}
     assert pq.read_table(folder / "final.parquet").to_pandas().equals(final)
