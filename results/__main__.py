@@ -88,15 +88,17 @@ def main(argv: list[str] | None = None, out=None) -> int:
                                                                              args.top)
             text = lb.format_table(table, args.format)
             print(text, end="", file=out)
-            pending = lb.without_trial_row(exps.trials, exps.epochs)
-            if len(pending):  # on stderr: the table (csv too) stays as it was
-                print(lb.unranked_note(pending, len(exps.experiments) > 1), file=sys.stderr)
+            unranked_note(exps)  # on stderr: the table (csv too) stays as it was
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(text)
             return 0
+        if exps.epochs.empty:
+            raise UsageError(f"no epochs recorded yet in {', '.join(args.runs)}: nothing to "
+                             "plot (a search records each epoch when it ends)")
         from results import plots
 
+        unranked_note(exps)  # the learning curves are of ranked trials
         folder = Path(args.out)
         plots.learning_curves(exps.epochs, exps.trials, folder / "learning_curves.png",
                               top=args.top)
@@ -126,6 +128,13 @@ def main(argv: list[str] | None = None, out=None) -> int:
     except (UsageError, StoreError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def unranked_note(exps: lb.Experiments) -> None:
+    """On stderr: the trials with epochs but no trial row, which no table or ranking has."""
+    pending = lb.without_trial_row(exps.trials, exps.epochs)
+    if len(pending):
+        print(lb.unranked_note(pending, len(exps.experiments) > 1), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -233,6 +233,8 @@ def format_table(df: pd.DataFrame, fmt: str = "text") -> str:
         for row in df.itertuples(index=False):
             lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
         return "\n".join(lines) + "\n"
+    if df.empty:  # pandas would print "Empty DataFrame" and its index
+        return "  ".join(map(str, df.columns)) + "\n(no trials recorded yet)\n"
     return df.to_string(index=False, na_rep="-", formatters={c: _cell for c in df.columns}) + "\n"
 
 

@@ -59,7 +59,10 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, path: Path,
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    ax_acc.legend(fontsize=8, loc="best")
+        if not drawn:  # a search read before any trial row was written
+            ax.text(0.5, 0.5, "no trial recorded yet", transform=ax.transAxes, ha="center")
+    if drawn:
+        ax_acc.legend(fontsize=8, loc="best")
     _save(fig, path)
     return drawn
 

@@ -244,6 +244,32 @@ def test_leaderboard_names_trials_with_epochs_but_no_trial_row(two, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_search_read_before_its_first_trial_row(two, tmp_path, capsys):
+    # a search killed (or read) before any epoch ended: its experiment row and nothing else
+    root, a, _ = two
+    empty = ExperimentStore(str(root), "exp-empty")
+    empty.write_experiment(a.read_experiment())
+    assert results_main(["leaderboard", str(root / "exp-empty")]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1] == "(no trials recorded yet)" and "Empty" not in out
+    assert results_main(["plots", str(root / "exp-empty"), "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err == (f"error: no epochs recorded yet in {root / 'exp-empty'}: "
+                                       "nothing to plot (a search records each epoch when it "
+                                       "ends)\n")
+    assert not (tmp_path / "p").exists()
+    # then its first epochs, before any trial row: plotted, and the unranked trial is named
+    ts = pd.Timestamp("2026-01-02", tz="UTC")
+    rows = pd.DataFrame({"trial_id": "t-running", "epoch": [1], "attempt": 0,
+                         "timestamp": [ts], "val_accuracy": [0.5]})
+    empty.write_table(pa.Table.from_pandas(rows.reindex(columns=EPOCH_SCHEMA.names),
+                                           schema=EPOCH_SCHEMA, preserve_index=False),
+                      "epochs/part-running.parquet")
+    assert results_main(["plots", str(root / "exp-empty"), "--out", str(tmp_path / "p")]) == 0
+    assert "not ranked: 1 trial(s)" in capsys.readouterr().err
+    assert (tmp_path / "p" / "learning_curves.png").is_file()
+    assert (tmp_path / "p" / "anytime.png").is_file()
+
+
 def test_cli_leaderboard_formats(two, tmp_path):
     root, _, _ = two
     out = io.StringIO()
