@@ -46,7 +46,7 @@ from fmnist.data import (  # noqa: E402
     load_splits,
     resolve_data_dir,
 )
-from results.store import ExperimentStore, StoreError, open_root, probe_uri  # noqa: E402
+from results.store import RAY_DIR, ExperimentStore, StoreError, open_root, probe_uri  # noqa: E402
 from search.spaces import (  # noqa: E402
     Space,
     SpaceError,
@@ -786,6 +786,11 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
     counts = trials["status"].value_counts().to_dict()
     print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=out)
     print(f"results: {store.uri()}", file=out, flush=True)
+    if trials["best_val_accuracy"].notna().any() and not counts.get("interrupted"):
+        uri = shlex.quote(store.uri())
+        print(f"next: python -m results plots {uri} --out plots/, then python -m results final "
+              f"{uri} (retrains the best config, tests it once); TensorBoard: tensorboard "
+              f"--logdir {shlex.quote(store.uri(RAY_DIR))}", file=out, flush=True)
     if counts.get("budget") and not counts.get("interrupted"):
         print(f"the time budget ({_shown(time_budget)} s) ended the search; it is part of the "
               "experiment, so --resume cannot extend it: for more, start a new --name with a "

@@ -349,7 +349,13 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
 
     argv = search_args(tiny_data_dir, tiny_space, tmp_path, "final", "--num-samples", "3",
                        "--max-epochs", "2")
-    assert run.main(argv, out=io.StringIO()) == 0
+    out = io.StringIO()
+    assert run.main(argv, out=out) == 0
+    exp = tmp_path / "final"  # the search says what to run next, and where TensorBoard reads
+    assert (f"\nnext: python -m results plots {exp} --out plots/, then python -m results final "
+            f"{exp} (retrains the best config, tests it once); TensorBoard: tensorboard "
+            f"--logdir {exp / 'ray'}\n") in out.getvalue()
+    assert list((exp / "ray").glob("*/events.out.tfevents.*"))
     out = io.StringIO()
     assert results_main(["final", str(tmp_path / "final"), "--seeds", "2"], out=out) == 0
     text = out.getvalue()
