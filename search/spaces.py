@@ -108,8 +108,12 @@ def space_path(name_or_path: str) -> Path:
     """`vgg` -> search/spaces/vgg.yaml; anything ending in .yaml/.yml is a path."""
     if is_space_file(name_or_path):
         path = Path(name_or_path).expanduser()
-        if not path.is_file():
+        if path.is_dir():
+            raise SpaceError(f"space file {path} is a folder, not a YAML file")
+        if not path.exists():
             raise SpaceError(f"space file {path} does not exist")
+        if not path.is_file():
+            raise SpaceError(f"space file {path} is not a regular file")
         return path
     path = SPACES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +137,11 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
 def test_unknown_space_lists_available():
     with pytest.raises(SpaceError, match="unknown space 'nope'; available: .*vgg"):
         load_space("nope")
+
+
+def test_a_space_path_that_is_not_a_file_says_what_it_is(tmp_path):
+    for path, what in ((tmp_path / "none.yaml", "does not exist"),
+                       (tmp_path, "is a folder, not a YAML file"),
+                       (Path("/dev/null"), "is not a regular file")):
+        with pytest.raises(SpaceError, match=f"^space file {re.escape(str(path))} {what}$"):
+            load_space(str(path))
