@@ -824,6 +824,8 @@ def main(argv: list[str] | None = None, out=None) -> int:
                       f"max {space.epochs} epochs", file=out or sys.stdout)
             return 0
         plan = resolve(argv)
+        if plan.args.address:  # one TCP connect, before Ray is imported (--dry-run too)
+            check_reachable(plan.args.address)
     except (UsageError, SpaceError, DataError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -237,6 +237,10 @@ def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
          "--max-concurrent cannot be used with --scheduler asha-promote"),
         (["--scheduler", "hyperband", "--max-concurrent", "2"],
          "--max-concurrent cannot be used with --scheduler hyperband"),
+        (["--address", "127.0.0.1:9", "--train-size", "200"],  # nothing listens on port 9
+         "--address 127.0.0.1:9: cannot reach 127.0.0.1:9 ("),
+        (["--address", "ray://127.0.0.1:9", "--train-size", "200", "--dry-run"],
+         "--address ray://127.0.0.1:9: cannot reach 127.0.0.1:9 ("),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data_dir, argv, match):
