@@ -106,7 +106,8 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
     out = out or sys.stdout
     store = open_experiment(path)
     if not store.exists():
-        raise FinalError(f"{path} is not an experiment (no experiment.parquet)")
+        raise FinalError(f"{path} does not exist" if not store.folder_exists() else
+                         f"{path} is not an experiment (no experiment.parquet)")
     experiment = store.read_experiment()
     trials, epochs = store.read_trials(), store.read_epochs()
     chosen = choose(trials, trial_id, top)

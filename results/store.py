@@ -356,6 +356,8 @@ class ExperimentStore:
 
     def read_experiment(self) -> dict[str, Any]:
         if not self.exists():
+            if not self.folder_exists():
+                raise StoreError(f"{self.uri()} does not exist")
             raise StoreError(f"{self.uri()} is not an experiment (no {EXPERIMENT_FILE})")
         with self.fs.open_input_file(_join(self.path, EXPERIMENT_FILE)) as f:
             return pq.read_table(f).to_pylist()[0]

@@ -311,12 +311,13 @@ def test_the_same_experiment_named_twice_is_read_once(two):
 
 
 def test_cli_on_a_folder_that_is_not_an_experiment(tmp_path):
-    for argv in (["leaderboard", str(tmp_path)], ["final", str(tmp_path)]):
-        out = subprocess.run([sys.executable, "-m", "results", *argv], cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2
-        assert out.stderr.strip().splitlines()[-1].startswith("error: ")
-        assert "not an experiment" in out.stderr and "Traceback" not in out.stderr
+    for command in ("leaderboard", "final"):
+        for path, what in ((tmp_path, "is not an experiment (no experiment.parquet)"),
+                           (tmp_path / "typo", "does not exist")):
+            out = subprocess.run([sys.executable, "-m", "results", command, str(path)],
+                                 cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2
+            assert out.stderr.strip().splitlines() == [f"error: {path} {what}"], out.stderr
 
 
 def test_final_with_a_data_dir_lacking_the_files_is_one_line_before_tensorflow(two):
