@@ -12,12 +12,15 @@ Results arrive at least once; the canonical views keep one row per key.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -159,11 +162,16 @@ class ExperimentStore:
         self.fs.create_dir(parent, recursive=True)
         tmp = path + TMP_SUFFIX
         if _is_local(self.fs):
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    pq.write_table(table, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:  # a full disk: leave no partial file behind to take space
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
             dir_fd = os.open(parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)  # make the rename itself durable
@@ -190,6 +198,29 @@ class ExperimentStore:
         with open(local, "rb") as src, self.fs.open_output_stream(path) as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
+
+    def unwritten(self, created_at: datetime) -> ExperimentStore:
+        """Where the search puts rows it could not write here (a full disk, a bucket that
+        stopped answering): an experiment-shaped folder in this machine's temporary folder,
+        one per experiment (its URI and `created_at`), whose part files `adopt_parts` (or a
+        copy) brings back."""
+        key = f"{self.uri()}|{round(created_at.timestamp() * 1e6)}"
+        tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+        return ExperimentStore(str(Path(tempfile.gettempdir()) / "fmnist-unwritten"),
+                               f"{self.name}-{tag}")
+
+    def adopt_parts(self, other: ExperimentStore) -> int:
+        """Move `other`'s epoch and trial part files in (epochs first, each written atomically
+        under its own name, then removed from `other`); the number moved."""
+        moved = 0
+        for folder in (EPOCHS_DIR, TRIALS_DIR):
+            for info in other._parts(folder):
+                with other.fs.open_input_file(info.path) as f:
+                    table = pq.read_table(f)
+                self._write_atomic(table, _join(self.path, folder, info.base_name))
+                other.fs.delete_file(info.path)
+                moved += 1
+        return moved
 
     def claim_final_folder(self) -> tuple[str, list[str]]:
         """Claim the folder for a new final evaluation: `final`, or `final-2`, `final-3`, ...

@@ -7,6 +7,7 @@ re-runs those epochs from the trials' checkpoints). Also prints a compact progre
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import threading
@@ -31,6 +32,12 @@ def _now() -> datetime:
 def _seconds(value: Any) -> float:
     """A duration from an epoch row: 0 where it is missing (None or NaN from Parquet)."""
     return float(value) if value is not None and value == value else 0.0
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError in a few words: its strerror, else its first line."""
+    lines = str(exc).strip().splitlines()
+    return exc.strerror or (lines[0][:200] if lines else type(exc).__name__)
 
 
 def _error_text(trial: Any) -> str:
@@ -76,6 +83,7 @@ class ParquetRecorder(Callback):
         self._t0 = time.monotonic()
         self.failed: list[str] = []
         self.interrupted = False
+        self.write_error: str | None = None  # why the last flush failed; None once one works
 
     # Tune pickles the callback into its experiment state; the file handle stays behind.
     def __getstate__(self) -> dict[str, Any]:
@@ -88,6 +96,9 @@ class ParquetRecorder(Callback):
         self._reset()
         self._watch_stop_signals()
         self.store.sweep_tmp()
+        # where rows go that no flush could write (set here: a restored recorder may predate it)
+        self.aside = self.store.unwritten(self.store.read_experiment()["created_at"])
+        self._take_back_aside()
         for row in self.store.read_epochs().to_dict("records"):
             self._history.setdefault(row["trial_id"], {})[int(row["epoch"])] = row
         self._backfill()
@@ -95,6 +106,21 @@ class ParquetRecorder(Callback):
         # An interrupted trial goes on under --resume and gets a new row when it ends again.
         self._terminal = {t: s for t, s in zip(trials["trial_id"], trials["status"], strict=True)
                           if s != "interrupted"}
+
+    def _take_back_aside(self) -> None:
+        """Under --resume: move in the rows an earlier run had to set aside on this machine."""
+        if not self.aside.folder_exists():
+            return
+        try:
+            moved = self.store.adopt_parts(self.aside)
+        except OSError as exc:
+            print(f"warning: the rows set aside in {self.aside.uri()} still cannot be written "
+                  f"to {self.store.uri()} ({_reason(exc)}); they stay there", file=sys.stderr,
+                  flush=True)
+            return
+        shutil.rmtree(self.aside.path, ignore_errors=True)
+        print(f"took back {moved} part file(s) of rows an earlier run had set aside in "
+              f"{self.aside.uri()}", file=sys.stderr, flush=True)
 
     def _watch_stop_signals(self) -> None:
         """Note a stop signal, then hand it to the handler Tune installed for it.
@@ -134,14 +160,13 @@ class ParquetRecorder(Callback):
         Results reach Parquet in flushes a few seconds apart; if the driver died in between,
         a resumed trial restarts after its last checkpoint and would never re-report them.
         """
-        recovered = []
         for trial_id, epoch, result in self.store.ray_results():
             if epoch not in self._history.get(trial_id, {}):
                 row = self._epoch_row(trial_id, result,
                                       datetime.fromtimestamp(result.get("timestamp", 0), UTC))
                 self._history.setdefault(trial_id, {})[epoch] = row
-                recovered.append(row)
-        self.store.append_epochs(recovered)
+                self._epochs.append(row)
+        self.flush()
 
     # ------------------------------------------------------------------ events
 
@@ -201,6 +226,8 @@ class ParquetRecorder(Callback):
                 self._finish(trial, error=None, cut="interrupted" if self.interrupted else "budget")
         self._abandon_forgotten({trial.trial_id for trial in trials})
         self.flush()
+        if self._epochs or self._trials:  # the last chance to keep them: this machine's disk
+            self._set_aside()
         self.print_progress(trials)
 
     # ------------------------------------------------------------------ rows
@@ -295,11 +322,44 @@ class ParquetRecorder(Callback):
         self.flush()
 
     def flush(self) -> None:
-        epochs, trials = self._epochs, self._trials
-        self._epochs, self._trials = [], []
-        self.store.append_epochs(epochs)  # epochs first: a trial row never precedes its epochs
-        self.store.append_trials(trials)
+        """Write the buffered rows, epochs first (a trial row never precedes its epochs).
+
+        A write that fails (a full disk, a bucket that stops answering) keeps the rows for the
+        next flush, a few seconds on, and the search goes on: a passing outage loses nothing.
+        """
         self._last_flush = time.monotonic()
+        try:
+            if self._epochs:
+                self.store.append_epochs(self._epochs)
+                self._epochs = []
+            if self._trials:
+                self.store.append_trials(self._trials)
+                self._trials = []
+        except OSError as exc:
+            if self.write_error is None:
+                print(f"warning: cannot write results to {self.store.uri()} ({_reason(exc)}); "
+                      f"{len(self._epochs)} epoch and {len(self._trials)} trial row(s) kept "
+                      f"in memory, retried every {self.flush_every_s:g} s", file=sys.stderr,
+                      flush=True)
+            self.write_error = _reason(exc)
+            return
+        if self.write_error is not None:
+            print(f"results written to {self.store.uri()} again", file=sys.stderr, flush=True)
+        self.write_error = None
+
+    def _set_aside(self) -> None:
+        """Write the rows no flush could write to `self.aside` on this machine, which
+        `search/run.py`'s report reads and names, and --resume takes back."""
+        aside = self.aside
+        try:
+            aside.append_epochs(self._epochs)
+            self._epochs = []
+            aside.append_trials(self._trials)
+            self._trials = []
+        except OSError as exc:
+            print(f"error: {len(self._epochs)} epoch and {len(self._trials)} trial row(s) could "
+                  f"be written neither to {self.store.uri()} ({self.write_error}) nor to "
+                  f"{aside.uri()} ({_reason(exc)}): they are lost", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ progress
 

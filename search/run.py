@@ -729,9 +729,16 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
         if limit is not None:  # read once, when Tune's controller starts (inside fit)
             os.environ[PENDING_ENV] = str(limit)
         start = time.monotonic()
-        handlers = _stop_handlers()
+        handlers, tune_failed = _stop_handlers(), False
         try:
             tuner.fit()
+        except (OSError, EOFError) as exc:
+            # Tune's own files could not be written or read back: on a full disk it ends the
+            # search building its result objects from error files left empty. What the search
+            # recorded is in Parquet (or set aside by the recorder): the report reads that.
+            print(f"warning: Ray Tune ended with {type(exc).__name__}: {exc} (its own files "
+                  f"under {plan.store.uri(RAY_DIR)} may be incomplete)", file=sys.stderr)
+            tune_failed = True
         finally:
             # Tune leaves its Ctrl+C handler installed after the search, so in a notebook or
             # any caller that goes on, the next Ctrl+C would be swallowed: put back the caller's.
@@ -743,7 +750,14 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
             os.environ.pop(PENDING_ENV, None)
         if started_here:
             ray.shutdown()
-    return report(plan.store, wall, out, time_budget=a.time_budget)
+    try:
+        code = report(plan.store, wall, out, time_budget=a.time_budget)
+    except OSError as exc:  # the storage stopped answering at the very end
+        print(f"error: the search ended, but its results could not be read back from "
+              f"{plan.store.uri()} ({(str(exc).strip().splitlines() or [repr(exc)])[0][:300]}); "
+              "`python -m results leaderboard` reads them once it answers", file=sys.stderr)
+        return 1
+    return 1 if tune_failed and code == 0 else code
 
 
 def _stop_handlers() -> dict[int, Any]:
@@ -762,9 +776,19 @@ def _stop_handlers() -> dict[int, Any]:
 def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
            time_budget: float | None = None) -> int:
     """Print the top trials from what is on disk; exit code 1 if any trial failed."""
+    import pandas as pd
+
+    from results.store import canonical_epochs
+
     out = out or sys.stdout
-    trials = store.read_trials()
-    epochs = store.read_epochs()
+    trials, epochs = store.read_trials(), store.read_epochs()
+    aside = store.unwritten(store.read_experiment()["created_at"])  # rows not written there
+    aside_trials = aside.read_trials() if aside.folder_exists() else trials.iloc[:0]
+    aside_epochs = aside.read_epochs() if aside.folder_exists() else epochs.iloc[:0]
+    if len(aside_trials) or len(aside_epochs):
+        trials = pd.concat([trials, aside_trials]).sort_values("written_at", kind="stable") \
+            .drop_duplicates("trial_id", keep="last")
+        epochs = canonical_epochs(pd.concat([epochs, aside_epochs]))
     ranked = trials.sort_values(["best_val_accuracy", "best_epoch"], ascending=[False, True],
                                 na_position="last").head(top)
     sampled = [c for c in trials.columns if c.startswith("params_")
@@ -786,7 +810,9 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
     counts = trials["status"].value_counts().to_dict()
     print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=out)
     print(f"results: {store.uri()}", file=out, flush=True)
-    if trials["best_val_accuracy"].notna().any() and not counts.get("interrupted"):
+    aside_rows = len(aside_trials) + len(aside_epochs)
+    if (trials["status"] != "error").any() and trials["best_val_accuracy"].notna().any() \
+            and not counts.get("interrupted") and not aside_rows:
         uri = shlex.quote(store.uri())
         print(f"next: python -m results plots {uri} --out plots/, then python -m results final "
               f"{uri} (retrains the best config, tests it once); TensorBoard: tensorboard "
@@ -798,7 +824,12 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
     failed = trials[trials["status"] == "error"]
     for row in failed.itertuples(index=False):
         print(f"failed: {row.trial_id}: {row.stop_reason}", file=sys.stderr)
-    if len(failed):
+    if aside_rows:
+        print(f"error: {len(aside_epochs)} epoch and {len(aside_trials)} trial row(s) could not "
+              f"be written to {store.uri()} and are in {aside.uri()} (the table above includes "
+              "them); once it can be written, --resume takes them back (or copy the part files "
+              "of its epochs/ and trials/ in)", file=sys.stderr)
+    if len(failed) or aside_rows:
         return 1
     if (trials["status"] == "interrupted").any():
         again = ["python", "search/run.py", "--resume", "--name", store.name, "--storage",

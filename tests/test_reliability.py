@@ -168,3 +168,67 @@ def test_escaping_storage_values_are_refused(bad):
 
     with pytest.raises(UsageError, match="--storage"):
         check_storage(bad)
+
+
+def test_rows_a_write_fails_on_are_kept_then_written_or_set_aside_and_taken_back(
+        tmp_path, monkeypatch, capsys):
+    # A full disk or a bucket that stops answering: here a folder replaced by a file, so every
+    # write into it fails with a real OSError, as a full disk's would.
+    import tempfile
+    from types import SimpleNamespace
+
+    from search.recorder import ParquetRecorder
+    from search.run import report
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where rows are set aside
+    store = ExperimentStore(str(tmp_path / "runs"), "e")
+    store.write_experiment({"name": "e", "created_at": datetime.now(UTC)})
+    recorder = ParquetRecorder(store, {"model": "mlp", "epochs": 2}, "asha", 1.0, 0.0,
+                               flush_every_s=0, progress_every_s=0)
+    recorder.setup()
+    trial = SimpleNamespace(trial_id="t1", config={"units": 8}, num_failures=0)
+    folder = tmp_path / "runs" / "e"
+
+    def broken(broken: bool) -> None:
+        for name in ("epochs", "trials"):
+            path = folder / name
+            if path.is_dir():
+                for part in path.iterdir():
+                    part.rename(tmp_path / f"{name}-{part.name}")
+                path.rmdir()
+            elif path.exists():
+                path.unlink()
+            if broken:
+                path.write_text("a file where a folder should be")
+            else:
+                path.mkdir()
+                for part in tmp_path.glob(f"{name}-part-*"):
+                    part.rename(path / part.name[len(name) + 1:])
+
+    broken(True)
+    recorder.on_trial_result(0, [trial], trial, {"epoch": 1, "val_accuracy": 0.5})
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: cannot write results to {folder} (") and "1 epoch" in err
+    broken(False)  # the next flush writes what the failed one kept
+    recorder.on_trial_result(0, [trial], trial, {"epoch": 2, "val_accuracy": 0.6})
+    assert capsys.readouterr().err == f"results written to {folder} again\n"
+    assert store.read_epochs()["epoch"].tolist() == [1, 2]
+
+    broken(True)  # and at the end nothing can be written: the rows go aside on this machine
+    recorder.on_trial_complete(0, [trial], trial)
+    recorder.on_experiment_end([trial])
+    aside = store.unwritten(store.read_experiment()["created_at"])
+    assert str(tmp_path / "tmp" / "fmnist-unwritten") in aside.uri()
+    assert aside.read_trials()["status"].tolist() == ["completed"]
+    broken(False)
+    assert store.read_trials().empty
+    assert report(store, 1.0) == 1  # the table has the trial; the error line says where it is
+    out, err = capsys.readouterr()
+    assert "Top 1 of 1 trials" in out and "status: completed 1" in out and "next:" not in out
+    assert f"error: 0 epoch and 1 trial row(s) could not be written to {folder} and are in " \
+           f"{aside.uri()}" in err and "--resume takes them back" in err
+
+    ParquetRecorder(store, {"model": "mlp", "epochs": 2}, "asha", 1.0, 0.0).setup()  # --resume
+    assert "took back 1 part file(s)" in capsys.readouterr().err
+    assert store.read_trials()["status"].tolist() == ["completed"]
+    assert not aside.folder_exists() and report(store, 1.0) == 0
