@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None, out=None) -> int:
     except (UsageError, StoreError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a bucket that stopped answering: not the input's fault
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 def unranked_note(exps: lb.Experiments) -> None:

@@ -33,6 +33,10 @@ class FinalError(ValueError):
     """The experiment cannot be evaluated (not an experiment, nothing finished, data changed)."""
 
 
+class FinalWriteError(OSError):
+    """The evaluation ran into a file it could not write (a full disk, a bucket gone)."""
+
+
 def choose(trials: pd.DataFrame, trial_id: str | None, top: int) -> pd.DataFrame:
     """The trials to retrain: `--trial ID`, else the best `top` finished ones."""
     finished = trials[trials["status"].isin(lb.FINISHED) & trials["best_val_accuracy"].notna()]
@@ -217,9 +221,14 @@ def claimed(store: ExperimentStore):
     claim = Claim(*store.claim_final_folder())
     try:
         yield claim
-    except BaseException:
+    except BaseException as exc:
         if not claim.tested:
             store.release_final_folder(claim.folder)
+        if isinstance(exc, OSError):
+            looked = ("; the test set was looked at, so the next evaluation goes beside it"
+                      if claim.tested else "")
+            raise FinalWriteError(f"cannot write the evaluation to {store.uri(claim.folder)} "
+                                  f"({exc.strerror or exc}){looked}") from exc
         raise
     store.release_final_folder(claim.folder)
 

@@ -82,7 +82,7 @@ def test_final_evaluations_started_at_once_claim_different_folders(tmp_path):
 
 
 def test_a_final_that_stops_before_testing_frees_its_folder_one_after_keeps_it(tmp_path):
-    from results.final import claimed
+    from results.final import FinalWriteError, claimed
 
     store = ExperimentStore(str(tmp_path), "e")
     with pytest.raises(KeyboardInterrupt), claimed(store) as claim:
@@ -95,6 +95,24 @@ def test_a_final_that_stops_before_testing_frees_its_folder_one_after_keeps_it(t
     with claimed(store) as claim:
         assert claim.folder == "final-2" and "final/ is claimed" in claim.passed[0]
     assert not (tmp_path / "e" / "final-2").exists()  # released (a real one has files there)
+    with pytest.raises(FinalWriteError, match=r"^cannot write the evaluation to .*final-2 "
+                       r"\(No space left on device\); the test set was looked at"), \
+            claimed(store) as claim:
+        claim.tested = True
+        with open("/dev/full", "w") as full:  # a device that is always full
+            full.write("x")
+            full.flush()
+    assert (tmp_path / "e" / "final-2" / ".claim.json").is_file()
+
+
+def test_results_on_a_full_disk_is_one_error_line_exit_1(tmp_path):
+    from results.synthetic import write_synthetic
+
+    write_synthetic(str(tmp_path), "e", trials=3, max_epochs=2, seed=0, searcher="random")
+    out = subprocess.run([sys.executable, "-m", "results", "leaderboard", str(tmp_path / "e"),
+                          "--out", "/dev/full"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and out.stderr == "error: No space left on device\n", out.stderr
 
 
 @pytest.mark.parametrize("damage", ["zero-byte", "truncated"])
