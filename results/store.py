@@ -390,8 +390,11 @@ class ExperimentStore:
             if not self.folder_exists():
                 raise StoreError(f"{self.uri()} does not exist")
             raise StoreError(f"{self.uri()} is not an experiment (no {EXPERIMENT_FILE})")
-        with self.fs.open_input_file(_join(self.path, EXPERIMENT_FILE)) as f:
-            return pq.read_table(f).to_pylist()[0]
+        try:
+            with self.fs.open_input_file(_join(self.path, EXPERIMENT_FILE)) as f:
+                return pq.read_table(f).to_pylist()[0]
+        except (pa.ArrowInvalid, IndexError) as exc:  # cut short by a full disk or a kill
+            raise StoreError(f"{self.uri(EXPERIMENT_FILE)} is damaged ({exc})") from None
 
     def read_epochs(self, canonical: bool = True) -> pd.DataFrame:
         """Epoch rows; canonical: one per (trial_id, epoch), the latest attempt."""
