@@ -342,8 +342,13 @@ def run_prepared(prepared: Prepared) -> int:
               f"lr {m['lr']:.2e}  {m['epoch_time_s']:.1f}s  "
               f"{m['train_samples_per_s']:.0f} img/s", flush=True)
 
-    run = train(cfg, data, on_epoch_end=show, checkpoint_dir=prepared.save,
-                resume_from=prepared.resume)
+    try:
+        run = train(cfg, data, on_epoch_end=show, checkpoint_dir=prepared.save,
+                    resume_from=prepared.resume)
+    except OSError as exc:  # a full disk under --save: the epochs above are what it trained
+        where = f" (checkpoints go to {prepared.save})" if prepared.save else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     print(f"params {run.model.count_params():,}, precision {run.precision}")
     return 0
 
