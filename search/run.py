@@ -8,6 +8,7 @@ Exit codes: 0 all trials ended cleanly, 1 some trials failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -704,7 +705,14 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
             tuner = tune.Tuner.restore(plan.store.uri("ray"), trainable=trainable,
                                        resume_unfinished=True, resume_errored=False)
         else:
-            plan.store.write_experiment(experiment_row(plan, resources))
+            try:
+                plan.store.write_experiment(experiment_row(plan, resources))
+            except OSError as exc:  # a full disk: the probe of --storage saw it writable
+                if plan.store.is_local:  # the folder it made for it, empty: nothing stays
+                    with contextlib.suppress(OSError):
+                        os.rmdir(plan.store.path)
+                raise UsageError(f"--storage {a.storage}: cannot write the experiment there "
+                                 f"({exc.strerror or exc})") from None
             recorder = ParquetRecorder(plan.store, plan.space.fixed, a.scheduler,
                                        a.cpus_per_trial, a.gpus_per_trial, out=out)
             tuner = tune.Tuner(
