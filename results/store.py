@@ -257,8 +257,13 @@ class ExperimentStore:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 return self._claim_holder(path)
-            with os.fdopen(fd, "w") as f:
-                f.write(note)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(note)
+            except OSError:  # a full disk: no claim left behind that nobody holds
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+                raise
             return None
         if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
             return self._claim_holder(path)
@@ -279,10 +284,8 @@ class ExperimentStore:
         marks the folder from now on) or ended before it tested a model (the folder is free
         again, and removed when nothing else is in it)."""
         folder = _join(self.path, name)
-        try:
+        with contextlib.suppress(OSError):  # FileNotFoundError included
             self.fs.delete_file(_join(folder, CLAIM_FILE))
-        except (FileNotFoundError, OSError):
-            pass
         if _is_local(self.fs):
             with contextlib.suppress(OSError):  # only an empty folder goes
                 os.rmdir(folder)

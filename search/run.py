@@ -2,7 +2,8 @@
 
 Everything the user typed is checked before Ray starts or anything is written; a mistake is one
 line on stderr and exit code 2. Results land in <storage>/<name>/ as Parquet (DESIGN.md).
-Exit codes: 0 all trials ended cleanly, 1 some trials failed, 2 bad input.
+Exit codes: 0 all trials ended cleanly, 1 some trials failed or rows could not be written to
+the storage, 2 bad input, 130 interrupted (--resume continues).
 """
 
 from __future__ import annotations
@@ -783,7 +784,8 @@ def _stop_handlers() -> dict[int, Any]:
 
 def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
            time_budget: float | None = None) -> int:
-    """Print the top trials from what is on disk; exit code 1 if any trial failed."""
+    """Print the top trials from what is on disk (and set aside, when the storage refused
+    rows); exit code 1 if any trial failed or rows are set aside, 130 if it was interrupted."""
     import pandas as pd
 
     from results.store import canonical_epochs
