@@ -1,6 +1,7 @@
 """`python -m results {leaderboard,plots,final} RUN [RUN ...]`: analysis from Parquet alone.
 
-Bad input (not an experiment, no finished trial, unknown option) is one line and exit code 2.
+Bad input (not an experiment, no finished trial, unknown option) is one line and exit code 2;
+a file that cannot be written or read (a full disk, a bucket gone) is one line and exit code 1.
 """
 
 from __future__ import annotations
