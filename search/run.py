@@ -161,7 +161,8 @@ class Plan:
 
 
 # Flags that say where and how this invocation runs, not what the experiment is.
-NOT_SETTINGS = ("name", "storage", "address", "resume", "dry_run", "list_spaces")
+NOT_SETTINGS = ("name", "storage", "address", "resume", "dry_run", "list_spaces",
+                "default_name")
 
 
 def check_storage(value: str) -> None:
@@ -330,6 +331,7 @@ def resolve(argv: list[str]) -> Plan:
                          f", it has {searched['dataset_fingerprint'][:12]}); give --data-dir "
                          "with the same files")
     if not args.resume:
+        args.default_name = not args.name  # then a clash at start picks the next free one
         name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
         store = ExperimentStore(args.storage, name)
         if store.folder_exists():
@@ -700,6 +702,9 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
                                  gpus=a.gpus_per_trial),
             {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial},
         )
+        if not a.resume:  # made now, exclusively: a search started beside this one may
+            plan.store = claim_experiment_folder(plan.store, a.default_name)  # have its name
+            a.name = plan.store.name
         print(describe(plan, resources.get("CPU")), file=out or sys.stdout, flush=True)
         if a.resume:
             plan.store.sweep_tmp()
@@ -767,6 +772,28 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
               "`python -m results leaderboard` reads them once it answers", file=sys.stderr)
         return 1
     return 1 if tune_failed and code == 0 else code
+
+
+def claim_experiment_folder(store: ExperimentStore, default_name: bool) -> ExperimentStore:
+    """Make the experiment's folder, exclusively, so that two searches started at once with the
+    same name do not write into one experiment. The default name (`<space>-<date>-<time>`, the
+    same for searches started within a second) moves on to `-2`, `-3`, ...; a `--name` given
+    is refused. A bucket has no folders to make: there the name was checked when resolved."""
+    if not store.is_local:
+        return store
+    Path(store.path).parent.mkdir(parents=True, exist_ok=True)
+    base, n = store.name, 1
+    while True:
+        try:
+            os.mkdir(store.path)
+            return store
+        except FileExistsError:
+            if not default_name:
+                raise UsageError(f"experiment {store.name!r} was created under "
+                                 f"{store.root_uri} by another search a moment ago; use "
+                                 "another --name") from None
+        n += 1
+        store = ExperimentStore(store.root_uri, f"{base}-{n}")
 
 
 def _stop_handlers() -> dict[int, Any]:

@@ -250,3 +250,39 @@ def test_rows_a_write_fails_on_are_kept_then_written_or_set_aside_and_taken_back
     assert "took back 1 part file(s)" in capsys.readouterr().err
     assert store.read_trials()["status"].tolist() == ["completed"]
     assert not aside.folder_exists() and report(store, 1.0) == 0
+
+
+def _experiment_after(barrier, root, default_name, queue):
+    from search.run import UsageError, claim_experiment_folder
+
+    barrier.wait()  # every search makes its folder at the same moment
+    try:
+        queue.put(claim_experiment_folder(ExperimentStore(root, "cnn-20261124-113200"),
+                                          default_name).name)
+    except UsageError as exc:
+        queue.put(f"refused: {exc}")
+
+
+@pytest.mark.parametrize("default_name", [True, False])
+def test_searches_started_at_once_with_one_name_get_their_own_folders(tmp_path, default_name):
+    # a loop launching one search per seed starts them within the same second, and the
+    # default name has a resolution of one second
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_experiment_after,
+                         args=(barrier, str(tmp_path / "runs"), default_name, queue))
+             for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    got = sorted(queue.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    base = "cnn-20261124-113200"
+    if default_name:  # each gets a folder of its own
+        assert got == sorted([base, f"{base}-2", f"{base}-3", f"{base}-4"])
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == got
+    else:  # a name the user gave is one experiment's: the others are refused
+        assert got[0] == base and all(g.startswith(f"refused: experiment '{base}' was created "
+                                                   "under ") for g in got[1:]), got
