@@ -49,23 +49,29 @@ def test_checkpoint_trial_files_are_read_back_torn_ones_skipped(tmp_path):
     assert found == [{"trial_id": "a", "config": {"units": 8}}] * 2
 
 
-def _claim_after(barrier, root, queue):
-    barrier.wait()  # every process asks at the same moment
+def at_once(target, n: int, *args) -> list[str]:
+    """Run `target(barrier, queue, *args)` in `n` fresh processes that wait for each other at
+    the barrier, then act at the same moment; what they put on the queue, sorted."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of pytest's threads; no TensorFlow
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(barrier, queue, *args)) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    got = sorted(queue.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    return got
+
+
+def _claim_after(barrier, queue, root):
+    barrier.wait()
     queue.put(ExperimentStore(root, "e").claim_final_folder()[0])
 
 
 def test_final_evaluations_started_at_once_claim_different_folders(tmp_path):
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")  # no fork of pytest's threads; no TensorFlow
-    barrier, queue = ctx.Barrier(6), ctx.Queue()
-    procs = [ctx.Process(target=_claim_after, args=(barrier, str(tmp_path), queue))
-             for _ in range(6)]
-    for proc in procs:
-        proc.start()
-    got = sorted(queue.get(timeout=60) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
+    got = at_once(_claim_after, 6, str(tmp_path))
     assert got == sorted(["final", *(f"final-{n}" for n in range(2, 7))])
     store = ExperimentStore(str(tmp_path), "e")
     name, passed = store.claim_final_folder()  # each claim names its process
@@ -252,10 +258,10 @@ def test_rows_a_write_fails_on_are_kept_then_written_or_set_aside_and_taken_back
     assert not aside.folder_exists() and report(store, 1.0) == 0
 
 
-def _experiment_after(barrier, root, default_name, queue):
+def _experiment_after(barrier, queue, root, default_name):
     from search.run import UsageError, claim_experiment_folder
 
-    barrier.wait()  # every search makes its folder at the same moment
+    barrier.wait()
     try:
         queue.put(claim_experiment_folder(ExperimentStore(root, "cnn-20261124-113200"),
                                           default_name).name)
@@ -267,18 +273,7 @@ def _experiment_after(barrier, root, default_name, queue):
 def test_searches_started_at_once_with_one_name_get_their_own_folders(tmp_path, default_name):
     # a loop launching one search per seed starts them within the same second, and the
     # default name has a resolution of one second
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    barrier, queue = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_experiment_after,
-                         args=(barrier, str(tmp_path / "runs"), default_name, queue))
-             for _ in range(4)]
-    for proc in procs:
-        proc.start()
-    got = sorted(queue.get(timeout=120) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
+    got = at_once(_experiment_after, 4, str(tmp_path / "runs"), default_name)
     base = "cnn-20261124-113200"
     if default_name:  # each gets a folder of its own
         assert got == sorted([base, f"{base}-2", f"{base}-3", f"{base}-4"])
