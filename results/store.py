@@ -34,6 +34,7 @@ TRIALS_DIR = "trials"
 EPOCHS_DIR = "epochs"
 FINAL_DIR = "final"
 CLAIM_FILE = ".claim.json"  # in a final folder while its evaluation runs
+SEARCH_LOCK = ".search.json"  # in an experiment folder while a search writes it
 RAY_DIR = "ray"
 TMP_SUFFIX = ".tmp"
 QUARANTINE_DIR = "_corrupt"
@@ -118,6 +119,21 @@ def probe_uri(uri: str, seconds: float | None = None) -> None:
     except OSError as exc:
         first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
         raise StoreError(f"cannot reach {uri} ({first.strip()[:300]})") from None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` on this machine runs (a zombie, killed but not yet reaped, does
+    not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc here: it exists
+        return True
 
 
 def _join(*parts: str) -> str:
@@ -221,6 +237,58 @@ class ExperimentStore:
                 other.fs.delete_file(info.path)
                 moved += 1
         return moved
+
+    def search_holder(self) -> str | None:
+        """Who is searching this experiment now (a live process that holds SEARCH_LOCK), or
+        None. A lock left by a search killed on this machine (its process gone) is no one's;
+        one from another machine cannot be checked from here, so it counts. Buckets: None
+        (no lock is kept there)."""
+        if not _is_local(self.fs):
+            return None
+        try:
+            who = json.loads(Path(self.path, SEARCH_LOCK).read_text())
+            pid, host, since = int(who["pid"]), str(who["host"]), str(who["since"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):  # torn by a kill as it was written
+            return None
+        if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+            return None
+        where = "" if host == socket.gethostname() else (
+            f"; if it no longer runs there, delete {Path(self.path, SEARCH_LOCK)}")
+        return f"process {pid} on {host}, since {since}{where}"
+
+    def lock_search(self) -> None:
+        """Hold SEARCH_LOCK for this process (created exclusively), taking over one nobody
+        holds (`search_holder`); StoreError when a live search holds it."""
+        if not _is_local(self.fs):
+            return
+        path = Path(self.path, SEARCH_LOCK)
+        note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        for _ in range(5):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if holder := self.search_holder():
+                    raise StoreError(f"{self.uri()} is being searched now by {holder}") from None
+                with contextlib.suppress(FileNotFoundError):  # only one taker can move it
+                    os.rename(path, f"{path}.stale-{os.getpid()}")
+                    os.remove(f"{path}.stale-{os.getpid()}")
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(note)
+            return
+        raise StoreError(f"{self.uri()}: could not take {SEARCH_LOCK} (others keep taking it)")
+
+    def unlock_search(self) -> None:
+        """Give SEARCH_LOCK back, if this process holds it."""
+        if not _is_local(self.fs):
+            return
+        path = Path(self.path, SEARCH_LOCK)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            if int(json.loads(path.read_text())["pid"]) == os.getpid():
+                path.unlink()
 
     def claim_final_folder(self) -> tuple[str, list[str]]:
         """Claim the folder for a new final evaluation: `final`, or `final-2`, `final-3`, ...

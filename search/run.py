@@ -257,6 +257,8 @@ def resolve(argv: list[str]) -> Plan:
         if not store.has_ray_state():
             raise UsageError(f"--resume: {args.name!r} stopped before Ray Tune saved its state; "
                              "nothing to continue, start it again under a new --name")
+        if holder := store.search_holder():  # two drivers would write over each other
+            raise UsageError(f"--resume: {args.name!r} is being searched now by {holder}")
         searched = store.read_experiment()
         saved = json.loads(searched["settings"])
         changed = changed_on_resume(argv, saved)
@@ -687,7 +689,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
 
     a = plan.args
     limit = None
-    started_here = start_ray(a)
+    started_here, locked = start_ray(a), False
     try:
         check_storage_reaches_all_nodes(a)
         resources = {k: v for k, v in ray.cluster_resources().items()
@@ -707,6 +709,8 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
             a.name = plan.store.name
         print(describe(plan, resources.get("CPU")), file=out or sys.stdout, flush=True)
         if a.resume:
+            plan.store.lock_search()  # before its *.tmp are swept: they could be a live one's
+            locked = True
             plan.store.sweep_tmp()
             tuner = tune.Tuner.restore(plan.store.uri("ray"), trainable=trainable,
                                        resume_unfinished=True, resume_errored=False)
@@ -719,6 +723,8 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
                         os.rmdir(plan.store.path)
                 raise UsageError(f"--storage {a.storage}: cannot write the experiment there "
                                  f"({exc.strerror or exc})") from None
+            plan.store.lock_search()  # a --resume of it meanwhile is refused
+            locked = True
             recorder = ParquetRecorder(plan.store, plan.space.fixed, a.scheduler,
                                        a.cpus_per_trial, a.gpus_per_trial, out=out)
             tuner = tune.Tuner(
@@ -762,6 +768,8 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     finally:
         if limit is not None:
             os.environ.pop(PENDING_ENV, None)
+        if locked:
+            plan.store.unlock_search()
         if started_here:
             ray.shutdown()
     try:
@@ -903,7 +911,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
         return 0
     try:
         return run_search(plan, out)
-    except UsageError as exc:  # found once connected to the cluster, before anything is written
+    except (UsageError, StoreError) as exc:  # found once connected, before anything is written
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fmnist.data import write_idx
-from results.store import ExperimentStore
+from results.store import ExperimentStore, StoreError
 from tests.conftest import REPO, search_args, write_dataset
 
 
@@ -281,3 +281,32 @@ def test_searches_started_at_once_with_one_name_get_their_own_folders(tmp_path, 
     else:  # a name the user gave is one experiment's: the others are refused
         assert got[0] == base and all(g.startswith(f"refused: experiment '{base}' was created "
                                                    "under ") for g in got[1:]), got
+
+
+def test_a_search_lock_counts_only_while_its_process_lives(tmp_path):
+    import json
+    import os
+    import socket
+
+    store = ExperimentStore(str(tmp_path), "e")
+    (tmp_path / "e").mkdir()
+    lock = tmp_path / "e" / ".search.json"
+    store.lock_search()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert store.search_holder() is None  # this process's own lock stops no one here
+    store.unlock_search()
+    assert not lock.exists()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a search killed on this machine: its lock is taken over
+    lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "since": "x"}))
+    assert store.search_holder() is None
+    store.lock_search()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    # another machine's cannot be checked from here: it counts, and says how to clear it
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "10:00"}))
+    assert store.search_holder() == (f"process 1 on elsewhere, since 10:00; if it no longer "
+                                     f"runs there, delete {lock}")
+    with pytest.raises(StoreError, match="is being searched now by process 1 on elsewhere"):
+        store.lock_search()
+    store.unlock_search()  # not this process's: left alone
+    assert lock.exists()

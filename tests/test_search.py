@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -337,8 +338,22 @@ def test_resume_from_another_folder_with_relative_space_and_data(
         "error: --resume continues 'rel' with its own settings, and --num-samples 5 (it has 2), "
         "--set units=8 (it has none), --full on (it has off) differ; start a new --name to "
         "change them"]
-    assert run.main(again, out=out) == 0, out.getvalue()
-    assert len(store.read_trials()) == 2
+    # a search of it running now (here: a live process holds its lock) is not run over
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (runs / "rel" / ".search.json").write_text(json.dumps(
+            {"pid": holder.pid, "host": socket.gethostname(), "since": "a moment ago"}))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert run.main(again, out=out) == 2
+        assert err.getvalue() == (f"error: --resume: 'rel' is being searched now by process "
+                                  f"{holder.pid} on {socket.gethostname()}, since a moment "
+                                  "ago\n")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.main(again, out=out) == 0, out.getvalue()  # a lock nobody holds is taken over
+    assert len(store.read_trials()) == 2 and not (runs / "rel" / ".search.json").exists()
 
 
 def test_existing_experiment_needs_resume(tmp_path, tiny_data_dir, tiny_space):
