@@ -680,6 +680,11 @@ def unfit_trial(args: argparse.Namespace, resources: dict[str, Any]) -> str | No
 
 def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     """Run the planned search; `trainable_cls` swaps in a subclass (fault-injection tests)."""
+    if not plan.args.address and "ray" not in sys.modules:
+        # Token authentication is Ray's default for a new local cluster, and it warns about it
+        # at the top of every search unless the mode is set; set here, as Ray reads it when it
+        # is imported (RAY_AUTH_MODE=disabled in the environment still opts out).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray import tune
 
