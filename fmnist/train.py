@@ -277,12 +277,20 @@ class TrainingRun:
         return float(ops.convert_to_numpy(opt.learning_rate))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write model + optimizer state (`model.keras`) and the epoch (`state.json`)."""
+        """Write model + optimizer state (`model.keras`) and the epoch (`state.json`).
+
+        Each file is written whole under a temporary name, then renamed over the last one, so
+        a Ctrl+C, a kill or a full disk in the middle of a save (`--save` rewrites one folder
+        every epoch) leaves the previous checkpoint, not a torn `model.keras`.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save(directory / "model.keras")
+        model_tmp, state_tmp = directory / ".model.tmp.keras", directory / ".state.json.tmp"
+        self.model.save(model_tmp)
         state = {"epoch": self.epoch, "attempt": self.attempt, "config": self.cfg.to_dict()}
-        (directory / "state.json").write_text(json.dumps(state))
+        state_tmp.write_text(json.dumps(state))
+        os.replace(model_tmp, directory / "model.keras")
+        os.replace(state_tmp, directory / "state.json")
         return directory
 
     def restore(self, directory: str | os.PathLike) -> None:
@@ -345,6 +353,11 @@ def run_prepared(prepared: Prepared) -> int:
     try:
         run = train(cfg, data, on_epoch_end=show, checkpoint_dir=prepared.save,
                     resume_from=prepared.resume)
+    except KeyboardInterrupt:  # Ctrl+C: the epochs above are what it trained
+        again = (f"; --resume {prepared.save} continues from its last checkpoint"
+                 if prepared.save else "")
+        print(f"interrupted{again}", file=sys.stderr)
+        return 130
     except OSError as exc:  # a full disk under --save: the epochs above are what it trained
         where = f" (checkpoints go to {prepared.save})" if prepared.save else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)

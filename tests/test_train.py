@@ -223,6 +223,20 @@ def test_train_resumes_from_checkpoint_dir(tiny, tmp_path):
     # another model than the checkpoint's would be half applied: refused, as by the CLI
     with pytest.raises(fmnist.train.ConfigError, match=r"--units 16 \(the checkpoint's: 8\)"):
         train(cfg.replace(units=16, epochs=4), tiny, resume_from=tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["model.keras", "state.json"]
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_whole(tiny, tmp_path):
+    run = TrainingRun(TrainConfig(model="mlp", epochs=3, units=8), tiny)
+    run.fit_epoch()
+    run.save(tmp_path / "c")
+    run.fit_epoch()
+    (tmp_path / "c" / ".model.tmp.keras").mkdir()  # the next model file cannot be written
+    with pytest.raises(OSError):
+        run.save(tmp_path / "c")
+    again = TrainingRun(TrainConfig(model="mlp", epochs=3, units=8), tiny)
+    again.restore(tmp_path / "c")  # the epoch-1 checkpoint, whole
+    assert again.epoch == 1 and again.fit_epoch()["epoch"] == 2
 
 
 def test_checkpoint_with_lambda_layer_is_refused(tmp_path):
