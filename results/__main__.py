@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None, out=None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl+C: what it had written stays (final: see its claim rule)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def unranked_note(exps: lb.Experiments) -> None:
