@@ -60,6 +60,11 @@ def _error_text(trial: Any) -> str:
 class ParquetRecorder(Callback):
     """Writes `epochs/` and `trials/` rows for one experiment while the search runs."""
 
+    # On --resume Tune brings back the recorder it saved, whose store names the experiment's
+    # folder as it was then; the experiment may have moved since (another --storage): the
+    # driver sets where it is now, and `setup` takes it.
+    relocated_to: ExperimentStore | None = None
+
     def __init__(self, store: ExperimentStore, fixed: dict[str, Any], scheduler: str,
                  cpus: float, gpus: float, flush_every_s: float = 2.0,
                  progress_every_s: float = 15.0, out=None):
@@ -93,6 +98,8 @@ class ParquetRecorder(Callback):
 
     def setup(self, **info: Any) -> None:
         """Start (or resume): seed per-trial histories from what is already on disk."""
+        if ParquetRecorder.relocated_to is not None:
+            self.store = ParquetRecorder.relocated_to
         self._reset()
         self._watch_stop_signals()
         self.store.sweep_tmp()

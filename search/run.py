@@ -717,6 +717,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
             plan.store.lock_search()  # before its *.tmp are swept: they could be a live one's
             locked = True
             plan.store.sweep_tmp()
+            ParquetRecorder.relocated_to = plan.store  # where it is now, if it moved
             tuner = tune.Tuner.restore(plan.store.uri("ray"), trainable=trainable,
                                        resume_unfinished=True, resume_errored=False)
         else:
@@ -773,6 +774,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     finally:
         if limit is not None:
             os.environ.pop(PENDING_ENV, None)
+        ParquetRecorder.relocated_to = None
         if locked:
             plan.store.unlock_search()
         if started_here:

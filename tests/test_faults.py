@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -325,9 +326,16 @@ def test_ctrl_c_or_sigterm_records_trials_as_interrupted_then_resume_finishes_th
     assert cut["stop_reason"].str.endswith("; --resume continues it").all()
     assert (cut["epochs"] < 3).all() and "interrupted" in out  # the report's status line
     assert set(epochs["trial_id"]) <= set(trials["trial_id"])
-    resumed = subprocess.run(_resume_cmd(tmp_path, "ctrl-c"), cwd=REPO, env=driver_env(),
+    storage = tmp_path
+    if how == "sigterm":  # and the experiment moves before --resume, to another --storage
+        storage = tmp_path / "moved"
+        storage.mkdir()
+        shutil.move(tmp_path / "ctrl-c", storage / "ctrl-c")
+        store = ExperimentStore(str(storage), "ctrl-c")
+    resumed = subprocess.run(_resume_cmd(storage, "ctrl-c"), cwd=REPO, env=driver_env(),
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert storage == tmp_path or not (tmp_path / "ctrl-c").exists()  # none where it was
     trials, epochs = store.read_trials(), store.read_epochs()
     assert len(trials) == 3 and set(trials["status"]) == {"completed"}, trials["status"]
     for trial_id, mine in epochs.groupby("trial_id"):
