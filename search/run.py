@@ -884,8 +884,9 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
     if len(failed) or aside_rows:
         return 1
     if (trials["status"] == "interrupted").any():
+        root = store.root_uri if not store.is_local else store.path.rsplit("/", 1)[0]
         again = ["python", "search/run.py", "--resume", "--name", store.name, "--storage",
-                 store.root_uri]
+                 root]  # a local folder in full: the line works from any folder
         print(f"interrupted; continue with: {shlex.join(again)}", file=sys.stderr)
         return 130  # as a shell reports a command ended by Ctrl+C
     return 0
