@@ -182,11 +182,12 @@ def resolve_data_dir(
     explicit = data_dir or os.environ.get("FMNIST_DATA_DIR")
     if explicit:
         folder = Path(explicit).expanduser()
+        named = "" if data_dir else " (from FMNIST_DATA_DIR)"  # else it is a mystery folder
         if not folder.is_dir():
-            raise DataError(f"data dir {folder} does not exist")
+            raise DataError(f"data dir {folder}{named} does not exist")
         missing = [s for s in ALL_FILES if not _find_file(folder, s)]
         if missing:
-            raise DataError(f"data dir {folder} lacks {', '.join(missing)} (.gz or raw)")
+            raise DataError(f"data dir {folder}{named} lacks {', '.join(missing)} (.gz or raw)")
         return folder
     for folder in candidate_dirs(None, dataset):
         if _has_dataset(folder):

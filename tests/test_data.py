@@ -110,10 +110,13 @@ def test_nothing_found_lists_every_place(monkeypatch, tmp_path, dataset):
     assert ("apt-get install dataset-fashion-mnist" in message) == (dataset == "fashion_mnist")
 
 
-def test_env_var_is_a_source(monkeypatch, tiny_data_dir):
+def test_env_var_is_a_source(monkeypatch, tiny_data_dir, tmp_path):
     monkeypatch.setenv("FMNIST_DATA_DIR", str(tiny_data_dir))
     x, _, source = load_split("train")
     assert len(x) == 600 and source.location == str(tiny_data_dir)
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(tmp_path / "gone"))  # says where it came from
+    with pytest.raises(DataError, match=r"^data dir .*gone \(from FMNIST_DATA_DIR\) does not"):
+        load_split("train")
 
 
 def test_real_fashion_mnist():
