@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -866,7 +867,8 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
     if (trials["status"] != "error").any() and trials["best_val_accuracy"].notna().any() \
             and not counts.get("interrupted") and not aside_rows:
         uri = shlex.quote(store.uri())
-        print(f"next: python -m results plots {uri} --out plots/, then python -m results final "
+        py = _python()
+        print(f"next: {py} -m results plots {uri} --out plots/, then {py} -m results final "
               f"{uri} (retrains the best config, tests it once); TensorBoard: tensorboard "
               f"--logdir {shlex.quote(store.uri(RAY_DIR))}", file=out, flush=True)
     if counts.get("budget") and not counts.get("interrupted"):
@@ -885,11 +887,23 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
         return 1
     if (trials["status"] == "interrupted").any():
         root = store.root_uri if not store.is_local else store.path.rsplit("/", 1)[0]
-        again = ["python", "search/run.py", "--resume", "--name", store.name, "--storage",
-                 root]  # a local folder in full: the line works from any folder
+        script = os.path.relpath(ROOT / "search" / "run.py")
+        again = [_python(), script if not script.startswith("..") else str(ROOT / "search" /
+                 "run.py"), "--resume", "--name", store.name, "--storage", root]
         print(f"interrupted; continue with: {shlex.join(again)}", file=sys.stderr)
         return 130  # as a shell reports a command ended by Ctrl+C
     return 0
+
+
+def _python() -> str:
+    """This interpreter as the user would type it here: `python` when that is it, else its
+    path (relative under this folder, as `.venv/bin/python`), so printed commands run."""
+    found = shutil.which("python")
+    if found and os.path.realpath(found) == os.path.realpath(sys.executable) and \
+            os.path.samefile(os.path.dirname(found), os.path.dirname(sys.executable)):
+        return "python"
+    rel = os.path.relpath(sys.executable)
+    return shlex.quote(rel if not rel.startswith("..") else sys.executable)
 
 
 def _short(value: Any) -> str:

@@ -376,7 +376,9 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
     out = io.StringIO()
     assert run.main(argv, out=out) == 0
     exp = tmp_path / "final"  # the search says what to run next, and where TensorBoard reads
-    assert (f"\nnext: python -m results plots {exp} --out plots/, then python -m results final "
+    py = run._python()  # this interpreter as it can be typed here: .venv/bin/python
+    assert os.path.samefile(shutil.which(py) or py, sys.executable)
+    assert (f"\nnext: {py} -m results plots {exp} --out plots/, then {py} -m results final "
             f"{exp} (retrains the best config, tests it once); TensorBoard: tensorboard "
             f"--logdir {exp / 'ray'}\n") in out.getvalue()
     assert list((exp / "ray").glob("*/events.out.tfevents.*"))
