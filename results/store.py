@@ -122,8 +122,8 @@ def probe_uri(uri: str, seconds: float | None = None) -> None:
 
 
 def _alive(pid: int) -> bool:
-    """Whether process `pid` on this machine runs (a zombie, killed but not yet reaped, does
-    not)."""
+    """Whether process `pid` on this machine runs a Python program (a zombie, killed but not
+    yet reaped, does not; nor does another program that took the number of a killed one)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -131,7 +131,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's: it exists
         return True
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        # a process that is not Python took the number of a search that was killed
+        return b"python" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, IndexError):  # no /proc here: it exists
         return True
 
@@ -254,9 +257,8 @@ class ExperimentStore:
             return None
         if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
             return None
-        where = "" if host == socket.gethostname() else (
-            f"; if it no longer runs there, delete {Path(self.path, SEARCH_LOCK)}")
-        return f"process {pid} on {host}, since {since}{where}"
+        return (f"process {pid} on {host}, since {since}; if no search of it runs there, "
+                f"delete {Path(self.path, SEARCH_LOCK)}")
 
     def lock_search(self) -> None:
         """Hold SEARCH_LOCK for this process (created exclusively), taking over one nobody

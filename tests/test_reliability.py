@@ -300,12 +300,20 @@ def test_a_search_lock_counts_only_while_its_process_lives(tmp_path):
     gone.wait()  # a search killed on this machine: its lock is taken over
     lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "since": "x"}))
     assert store.search_holder() is None
+    other = subprocess.Popen(["sleep", "60"])  # not Python: it took a killed search's number
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                    "since": "x"}))
+        assert store.search_holder() is None
+    finally:
+        other.kill()
+        other.wait()
     store.lock_search()
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     # another machine's cannot be checked from here: it counts, and says how to clear it
     lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "10:00"}))
-    assert store.search_holder() == (f"process 1 on elsewhere, since 10:00; if it no longer "
-                                     f"runs there, delete {lock}")
+    assert store.search_holder() == (f"process 1 on elsewhere, since 10:00; if no search of "
+                                     f"it runs there, delete {lock}")
     with pytest.raises(StoreError, match="is being searched now by process 1 on elsewhere"):
         store.lock_search()
     store.unlock_search()  # not this process's: left alone

@@ -353,7 +353,8 @@ def test_resume_from_another_folder_with_relative_space_and_data(
             assert run.main(again, out=out) == 2
         assert err.getvalue() == (f"error: --resume: 'rel' is being searched now by process "
                                   f"{holder.pid} on {socket.gethostname()}, since a moment "
-                                  "ago\n")
+                                  "ago; if no search of it runs there, delete "
+                                  f"{runs / 'rel' / '.search.json'}\n")
     finally:
         holder.kill()
         holder.wait()
