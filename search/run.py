@@ -867,7 +867,7 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
     if (trials["status"] != "error").any() and trials["best_val_accuracy"].notna().any() \
             and not counts.get("interrupted") and not aside_rows:
         uri = shlex.quote(store.uri())
-        py = _python()
+        py = shlex.quote(_python())
         print(f"next: {py} -m results plots {uri} --out plots/, then {py} -m results final "
               f"{uri} (retrains the best config, tests it once); TensorBoard: tensorboard "
               f"--logdir {shlex.quote(store.uri(RAY_DIR))}", file=out, flush=True)
@@ -903,7 +903,7 @@ def _python() -> str:
             os.path.samefile(os.path.dirname(found), os.path.dirname(sys.executable)):
         return "python"
     rel = os.path.relpath(sys.executable)
-    return shlex.quote(rel if not rel.startswith("..") else sys.executable)
+    return rel if not rel.startswith("..") else sys.executable
 
 
 def _short(value: Any) -> str:
