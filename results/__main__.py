@@ -14,7 +14,7 @@ from pathlib import Path
 from fmnist.config import PRECISIONS, keras_backend_problem
 from fmnist.data import DataError, folder_problem
 from results import leaderboard as lb
-from results.store import StoreError
+from results.store import StoreError, os_reason
 
 
 class UsageError(ValueError):
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
         return 2
     except OSError as exc:  # a full disk, a bucket that stopped answering: not the input's fault
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"error: {os_reason(exc)}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl+C: what it had written stays (final: see its claim rule)
         print("interrupted", file=sys.stderr)

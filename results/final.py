@@ -26,7 +26,7 @@ import pyarrow as pa
 from fmnist.config import RUNTIME_KEYS
 from results import leaderboard as lb
 from results import plots
-from results.store import FINAL_DIR, ExperimentStore, open_experiment
+from results.store import FINAL_DIR, ExperimentStore, open_experiment, os_reason
 
 
 class FinalError(ValueError):
@@ -109,10 +109,7 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
     final/ holds an earlier evaluation, final-2/ (then final-3/, ...)."""
     out = out or sys.stdout
     store = open_experiment(path)
-    if not store.exists():
-        raise FinalError(f"{path} does not exist" if not store.folder_exists() else
-                         f"{path} is not an experiment (no experiment.parquet)")
-    experiment = store.read_experiment()
+    experiment = store.read_experiment()  # StoreError: missing, not an experiment, damaged
     trials, epochs = store.read_trials(), store.read_epochs()
     chosen = choose(trials, trial_id, top)
     pending = lb.without_trial_row(trials, epochs)
@@ -228,7 +225,7 @@ def claimed(store: ExperimentStore):
             looked = ("; the test set was looked at, so the next evaluation goes beside it"
                       if claim.tested else "")
             raise FinalWriteError(f"cannot write the evaluation to {store.uri(claim.folder)} "
-                                  f"({exc.strerror or exc}){looked}") from exc
+                                  f"({os_reason(exc)}){looked}") from exc
         raise
     store.release_final_folder(claim.folder)
 

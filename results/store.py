@@ -139,6 +139,39 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _owner_note() -> str:
+    """What a claim or lock file says: this process, this machine, since when."""
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+
+
+def _owner_text(who: dict[str, Any]) -> str:
+    return f"process {who['pid']} on {who['host']}, since {who['since']}"
+
+
+def _create_owned(path: str) -> bool:
+    """Create `path` exclusively with `_owner_note` in it; False if it exists. A note that
+    cannot be written (a full disk) leaves no file that nobody holds."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(_owner_note())
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+    return True
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError in a few words: its strerror, else the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return exc.strerror or (lines[0][:300] if lines else repr(exc))
+
+
 def _join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts if p)
 
@@ -248,39 +281,30 @@ class ExperimentStore:
         (no lock is kept there)."""
         if not _is_local(self.fs):
             return None
-        try:
+        try:  # none, or torn by a kill as it was written: no one's
             who = json.loads(Path(self.path, SEARCH_LOCK).read_text())
-            pid, host, since = int(who["pid"]), str(who["host"]), str(who["since"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError):  # torn by a kill as it was written
+            pid, host = int(who["pid"]), str(who["host"])
+            text = _owner_text(who)
+        except (OSError, ValueError, KeyError, TypeError):
             return None
         if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
             return None
-        return (f"process {pid} on {host}, since {since}; if no search of it runs there, "
-                f"delete {Path(self.path, SEARCH_LOCK)}")
+        return f"{text}; if no search of it runs there, delete {Path(self.path, SEARCH_LOCK)}"
 
     def lock_search(self) -> None:
         """Hold SEARCH_LOCK for this process (created exclusively), taking over one nobody
         holds (`search_holder`); StoreError when a live search holds it."""
         if not _is_local(self.fs):
             return
-        path = Path(self.path, SEARCH_LOCK)
-        note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                           "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        path = str(Path(self.path, SEARCH_LOCK))
         for _ in range(5):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if holder := self.search_holder():
-                    raise StoreError(f"{self.uri()} is being searched now by {holder}") from None
-                with contextlib.suppress(FileNotFoundError):  # only one taker can move it
-                    os.rename(path, f"{path}.stale-{os.getpid()}")
-                    os.remove(f"{path}.stale-{os.getpid()}")
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(note)
-            return
+            if _create_owned(path):
+                return
+            if holder := self.search_holder():
+                raise StoreError(f"{self.uri()} is being searched now by {holder}")
+            with contextlib.suppress(FileNotFoundError):  # only one taker can move it
+                os.rename(path, f"{path}.stale-{os.getpid()}")
+                os.remove(f"{path}.stale-{os.getpid()}")
         raise StoreError(f"{self.uri()}: could not take {SEARCH_LOCK} (others keep taking it)")
 
     def unlock_search(self) -> None:
@@ -319,33 +343,17 @@ class ExperimentStore:
     def _claim(self, folder: str) -> str | None:
         """Claim `folder`: None when this process now holds it, else who holds it."""
         path = _join(folder, CLAIM_FILE)
-        note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                           "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
         self.fs.create_dir(folder, recursive=True)
         if _is_local(self.fs):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return self._claim_holder(path)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(note)
-            except OSError:  # a full disk: no claim left behind that nobody holds
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-                raise
+            if _create_owned(path):
+                return None
+        elif self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            with self.fs.open_output_stream(path) as f:
+                f.write(_owner_note().encode())
             return None
-        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
-            return self._claim_holder(path)
-        with self.fs.open_output_stream(path) as f:
-            f.write(note.encode())
-        return None
-
-    def _claim_holder(self, path: str) -> str:
         try:
             with self.fs.open_input_stream(path) as f:
-                who = json.loads(f.read().decode())
-            return f"process {who['pid']} on {who['host']}, since {who['since']}"
+                return _owner_text(json.loads(f.read().decode()))
         except (OSError, ValueError, KeyError, TypeError):
             return "unknown process"
 
@@ -483,8 +491,7 @@ class ExperimentStore:
         df, self.corrupt_trials = self._read_parts(TRIALS_DIR)
         if df is None:
             return pa.schema(TRIAL_COLUMNS).empty_table().to_pandas()
-        df = df.sort_values(["trial_id", "written_at"], kind="stable")
-        return df.drop_duplicates("trial_id", keep="last").reset_index(drop=True)
+        return canonical_trials(df)
 
 
 def open_experiment(path: str) -> ExperimentStore:
@@ -499,6 +506,12 @@ def open_experiment(path: str) -> ExperimentStore:
         return ExperimentStore(f"{scheme}://{root}", name)
     p = Path(path).expanduser().resolve()
     return ExperimentStore(str(p.parent), p.name)
+
+
+def canonical_trials(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial_id: the latest written."""
+    df = df.sort_values(["trial_id", "written_at"], kind="stable")
+    return df.drop_duplicates("trial_id", keep="last").reset_index(drop=True)
 
 
 def canonical_epochs(df: pd.DataFrame) -> pd.DataFrame:

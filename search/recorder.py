@@ -17,7 +17,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from results.store import PARAM_PREFIX, ExperimentStore
+from results.store import PARAM_PREFIX, ExperimentStore, os_reason
 from search.trainable import TRIAL_FILE
 
 TERMINAL = ("completed", "stopped", "error", "budget", "interrupted", "abandoned")
@@ -32,12 +32,6 @@ def _now() -> datetime:
 def _seconds(value: Any) -> float:
     """A duration from an epoch row: 0 where it is missing (None or NaN from Parquet)."""
     return float(value) if value is not None and value == value else 0.0
-
-
-def _reason(exc: OSError) -> str:
-    """An OSError in a few words: its strerror, else its first line."""
-    lines = str(exc).strip().splitlines()
-    return exc.strerror or (lines[0][:200] if lines else type(exc).__name__)
 
 
 def _error_text(trial: Any) -> str:
@@ -122,7 +116,7 @@ class ParquetRecorder(Callback):
             moved = self.store.adopt_parts(self.aside)
         except OSError as exc:
             print(f"warning: the rows set aside in {self.aside.uri()} still cannot be written "
-                  f"to {self.store.uri()} ({_reason(exc)}); they stay there", file=sys.stderr,
+                  f"to {self.store.uri()} ({os_reason(exc)}); they stay there", file=sys.stderr,
                   flush=True)
             return
         shutil.rmtree(self.aside.path, ignore_errors=True)
@@ -344,11 +338,11 @@ class ParquetRecorder(Callback):
                 self._trials = []
         except OSError as exc:
             if self.write_error is None:
-                print(f"warning: cannot write results to {self.store.uri()} ({_reason(exc)}); "
+                print(f"warning: cannot write results to {self.store.uri()} ({os_reason(exc)}); "
                       f"{len(self._epochs)} epoch and {len(self._trials)} trial row(s) kept "
                       f"in memory, retried every {self.flush_every_s:g} s", file=sys.stderr,
                       flush=True)
-            self.write_error = _reason(exc)
+            self.write_error = os_reason(exc)
             return
         if self.write_error is not None:
             print(f"results written to {self.store.uri()} again", file=sys.stderr, flush=True)
@@ -366,7 +360,7 @@ class ParquetRecorder(Callback):
         except OSError as exc:
             print(f"error: {len(self._epochs)} epoch and {len(self._trials)} trial row(s) could "
                   f"be written neither to {self.store.uri()} ({self.write_error}) nor to "
-                  f"{aside.uri()} ({_reason(exc)}): they are lost", file=sys.stderr, flush=True)
+                  f"{aside.uri()} ({os_reason(exc)}): they are lost", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ progress
 

@@ -49,7 +49,14 @@ from fmnist.data import (  # noqa: E402
     load_splits,
     resolve_data_dir,
 )
-from results.store import RAY_DIR, ExperimentStore, StoreError, open_root, probe_uri  # noqa: E402
+from results.store import (  # noqa: E402
+    RAY_DIR,
+    ExperimentStore,
+    StoreError,
+    open_root,
+    os_reason,
+    probe_uri,
+)
 from search.spaces import (  # noqa: E402
     Space,
     SpaceError,
@@ -729,7 +736,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
                     with contextlib.suppress(OSError):
                         os.rmdir(plan.store.path)
                 raise UsageError(f"--storage {a.storage}: cannot write the experiment there "
-                                 f"({exc.strerror or exc})") from None
+                                 f"({os_reason(exc)})") from None
             plan.store.lock_search()  # a --resume of it meanwhile is refused
             locked = True
             recorder = ParquetRecorder(plan.store, plan.space.fixed, a.scheduler,
@@ -784,8 +791,8 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
         code = report(plan.store, wall, out, time_budget=a.time_budget)
     except OSError as exc:  # the storage stopped answering at the very end
         print(f"error: the search ended, but its results could not be read back from "
-              f"{plan.store.uri()} ({(str(exc).strip().splitlines() or [repr(exc)])[0][:300]}); "
-              "`python -m results leaderboard` reads them once it answers", file=sys.stderr)
+              f"{plan.store.uri()} ({os_reason(exc)}); `python -m results leaderboard` reads "
+              "them once it answers", file=sys.stderr)
         return 1
     return 1 if tune_failed and code == 0 else code
 
@@ -831,16 +838,16 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
     rows); exit code 1 if any trial failed or rows are set aside, 130 if it was interrupted."""
     import pandas as pd
 
-    from results.store import canonical_epochs
+    from results.store import canonical_epochs, canonical_trials
 
     out = out or sys.stdout
     trials, epochs = store.read_trials(), store.read_epochs()
     aside = store.unwritten(store.read_experiment()["created_at"])  # rows not written there
-    aside_trials = aside.read_trials() if aside.folder_exists() else trials.iloc[:0]
-    aside_epochs = aside.read_epochs() if aside.folder_exists() else epochs.iloc[:0]
+    there = aside.folder_exists()
+    aside_trials = aside.read_trials() if there else trials.iloc[:0]
+    aside_epochs = aside.read_epochs() if there else epochs.iloc[:0]
     if len(aside_trials) or len(aside_epochs):
-        trials = pd.concat([trials, aside_trials]).sort_values("written_at", kind="stable") \
-            .drop_duplicates("trial_id", keep="last")
+        trials = canonical_trials(pd.concat([trials, aside_trials]))
         epochs = canonical_epochs(pd.concat([epochs, aside_epochs]))
     ranked = trials.sort_values(["best_val_accuracy", "best_epoch"], ascending=[False, True],
                                 na_position="last").head(top)
