@@ -567,7 +567,6 @@ def make_scheduler(args: argparse.Namespace):
     from ray.tune.schedulers import (
         ASHAScheduler,
         FIFOScheduler,
-        HyperBandScheduler,
         MedianStoppingRule,
     )
 
@@ -582,7 +581,9 @@ def make_scheduler(args: argparse.Namespace):
                              rungs=asha_rungs(args.grace_period, args.reduction_factor,
                                               args.max_epochs))
     if args.scheduler == "hyperband":
-        return HyperBandScheduler(time_attr="training_iteration", max_t=args.max_epochs,
+        from search.schedulers import ResumableHyperBand
+
+        return ResumableHyperBand(time_attr="training_iteration", max_t=args.max_epochs,
                                   reduction_factor=args.reduction_factor)
     if args.scheduler == "median":
         return MedianStoppingRule(time_attr="training_iteration", grace_period=args.grace_period,
