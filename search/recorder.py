@@ -172,16 +172,23 @@ class ParquetRecorder(Callback):
     # ------------------------------------------------------------------ events
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._started.setdefault(trial.trial_id, _now())
+        self._running(trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        self._started.setdefault(trial.trial_id, _now())
+        self._running(trial.trial_id)
         row = self._epoch_row(trial.trial_id, result, _now())
         self._epochs.append(row)
         self._history.setdefault(trial.trial_id, {})[row["epoch"]] = row
         if time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush()
+
+    def _running(self, trial_id: str) -> None:
+        self._started.setdefault(trial_id, _now())
+        # A failed trial that runs again (--resume --retry-errored) is no longer finished: it
+        # gets a new row when it ends, or when the search ends before it does.
+        if self._terminal.get(trial_id) == "error":
+            del self._terminal[trial_id]
 
     @staticmethod
     def _epoch_row(trial_id: str, result: dict, timestamp: datetime) -> dict[str, Any]:

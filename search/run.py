@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--name", help="experiment name (folder under --storage); default <space>-<time>")
     a("--resume", action="store_true",
       help="continue the interrupted experiment --name with its original settings")
+    a("--retry-errored", action="store_true",
+      help="with --resume: run the experiment's failed trials again from their last "
+      "checkpoint, one more attempt each (once what made them fail is fixed)")
     a("--dry-run", action="store_true",
       help="check everything and print the plan without starting Ray")
     return p
@@ -169,8 +173,8 @@ class Plan:
 
 
 # Flags that say where and how this invocation runs, not what the experiment is.
-NOT_SETTINGS = ("name", "storage", "address", "resume", "dry_run", "list_spaces",
-                "default_name")
+NOT_SETTINGS = ("name", "storage", "address", "resume", "retry_errored", "dry_run",
+                "list_spaces", "default_name")
 
 
 def check_storage(value: str) -> None:
@@ -256,6 +260,9 @@ def resolve(argv: list[str]) -> Plan:
     if args.name is not None and not NAME_RE.match(args.name):
         raise UsageError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only "
                          "(no path separators)")
+    if args.retry_errored and not args.resume:
+        raise UsageError("--retry-errored runs an experiment's failed trials again: it goes "
+                         "with --resume --name NAME")
     if args.resume:
         if not args.name:
             raise UsageError("--resume needs --name of the experiment to continue")
@@ -471,7 +478,25 @@ def describe(plan: Plan, cpus: float | None) -> str:
                  f"up to {slots} concurrent on {where}")
     lines.append(f"precision: {precision_plan(s, a)}")
     lines.append(f"results: {plan.store.uri()}")
+    if a.resume:
+        lines.append(resume_plan(plan.store, a.retry_errored))
     return "\n".join(lines)
+
+
+def resume_plan(store: ExperimentStore, retry_errored: bool) -> str:
+    """What --resume will do with the trials recorded so far, as one line."""
+    trials = store.read_trials()
+    counts = trials["status"].value_counts().to_dict()
+    line = "resume: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                         if counts else "no trial recorded yet")
+    failed = counts.get("error", 0)
+    if failed and retry_errored:
+        line += f"; the {failed} failed trial(s) run again from their last checkpoint"
+    elif failed:
+        line += f"; the {failed} failed trial(s) stay failed (--retry-errored runs them again)"
+    elif retry_errored:
+        line += "; no failed trial to run again"
+    return line
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -727,8 +752,12 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
             locked = True
             plan.store.sweep_tmp()
             ParquetRecorder.relocated_to = plan.store  # where it is now, if it moved
+            if a.retry_errored:  # Optuna was told these trials failed; it warns of each
+                logging.getLogger("ray.tune.search.optuna.optuna_search").addFilter(  # result
+                    _not_news)  # they report now, with the whole result: true, and not news
             tuner = tune.Tuner.restore(plan.store.uri("ray"), trainable=trainable,
-                                       resume_unfinished=True, resume_errored=False)
+                                       resume_unfinished=True,
+                                       resume_errored=a.retry_errored)
         else:
             try:
                 plan.store.write_experiment(experiment_row(plan, resources))
@@ -796,6 +825,11 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
               "them once it answers", file=sys.stderr)
         return 1
     return 1 if tune_failed and code == 0 else code
+
+
+def _not_news(record: logging.LogRecord) -> bool:
+    """False for Optuna's warnings about results of a trial it was told had failed."""
+    return not record.getMessage().startswith("Received additional")
 
 
 def claim_experiment_folder(store: ExperimentStore, default_name: bool) -> ExperimentStore:
@@ -891,16 +925,25 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
               f"be written to {store.uri()} and are in {aside.uri()} (the table above includes "
               "them); once it can be written, --resume takes them back (or copy the part files "
               "of its epochs/ and trials/ in)", file=sys.stderr)
+    interrupted = (trials["status"] == "interrupted").any()
+    if len(failed) and not interrupted:
+        print(f"once what made them fail is fixed, {_resume_command(store, '--retry-errored')} "
+              "runs the failed trials again from their last checkpoint", file=sys.stderr)
     if len(failed) or aside_rows:
         return 1
-    if (trials["status"] == "interrupted").any():
-        root = store.root_uri if not store.is_local else store.path.rsplit("/", 1)[0]
-        script = os.path.relpath(ROOT / "search" / "run.py")
-        again = [_python(), script if not script.startswith("..") else str(ROOT / "search" /
-                 "run.py"), "--resume", "--name", store.name, "--storage", root]
-        print(f"interrupted; continue with: {shlex.join(again)}", file=sys.stderr)
+    if interrupted:
+        print(f"interrupted; continue with: {_resume_command(store)}", file=sys.stderr)
         return 130  # as a shell reports a command ended by Ctrl+C
     return 0
+
+
+def _resume_command(store: ExperimentStore, *extra: str) -> str:
+    """The command that resumes this experiment, as it can be typed here."""
+    root = store.root_uri if not store.is_local else store.path.rsplit("/", 1)[0]
+    script = os.path.relpath(ROOT / "search" / "run.py")
+    again = [_python(), script if not script.startswith("..") else str(ROOT / "search" /
+             "run.py"), "--resume", "--name", store.name, "--storage", root, *extra]
+    return shlex.join(again)
 
 
 def _python() -> str:

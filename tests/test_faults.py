@@ -69,6 +69,61 @@ def test_a_trial_that_raises_at_epoch_2_fails_alone(ray_session, tiny_data_dir, 
     assert "1 failed" in out.getvalue()
 
 
+def test_failed_trials_run_again_from_their_checkpoint_under_resume_retry_errored(
+        ray_session, tiny_data_dir, tmp_path, capsys):
+    """A fault that goes away (a full disk, a lost node) leaves trials `error`; `--resume
+    --retry-errored` runs them again from their last checkpoint. Under Hyperband, whose
+    brackets Tune rebuilds on resume with every trial in them, finished ones included."""
+    fault = tmp_path / "fault-on"
+    fault.touch()
+
+    class FaultWhileFlagged(FMNISTTrainable):
+        """The real trainable, except that 16-unit trials raise in epoch 2 while `fault` is."""
+
+        def step(self):
+            if self.cfg.units == 16 and self._training.epoch == 1 and fault.exists():
+                raise RuntimeError("injected fault in epoch 2")
+            return super().step()
+
+    space = tmp_path / "fault.yaml"
+    space.write_text("model: mlp\nepochs: 3\nhidden_layers: 1\nunits: {grid: [8, 16]}\n")
+    # 4 trials (8, 16, 8, 16); Hyperband's brackets for max_t 3: 2x3 | 3x1 -> 1x3. A time
+    # budget ends the resumed search if a bracket waits for ever (it did: a finished trial in
+    # the bracket never reaches the rung), so the test fails instead of hanging.
+    argv = search_args(tiny_data_dir, space, tmp_path, "retry", "--searcher", "grid",
+                       "--num-samples", "2", "--scheduler", "hyperband", "--max-failures", "0",
+                       "--time-budget", "90")
+    assert run.run_search(run.resolve(argv), out=io.StringIO(),
+                          trainable_cls=FaultWhileFlagged) == 1
+    store = ExperimentStore(str(tmp_path), "retry")
+    before = store.read_trials().set_index("trial_id")
+    failed = before.index[before["status"] == "error"]
+    assert len(failed) >= 1 and (before.loc[failed, "params_units"] == 16).all()
+    assert (before.loc[failed, "epochs"] == 1).all()
+    err = capsys.readouterr().err
+    assert "--resume --name retry --storage" in err and "--retry-errored runs the failed " \
+        "trials again from their last checkpoint" in err
+
+    fault.unlink()  # what made them fail is fixed
+    out = io.StringIO()
+    again = ["--storage", str(tmp_path), "--name", "retry", "--resume", "--retry-errored"]
+    assert run.run_search(run.resolve(again), out=out, trainable_cls=FaultWhileFlagged) == 0
+    assert f"the {len(failed)} failed trial(s) run again from their last checkpoint" \
+        in out.getvalue()
+    after = store.read_trials().set_index("trial_id")
+    assert (after.loc[failed, "status"] == "completed").all()
+    assert (after.loc[failed, "epochs"] == 3).all()
+    assert (after.loc[failed, "failures"] == 1).all()
+    others = before.index.difference(failed)  # finished: untouched
+    assert after.loc[others, ["status", "epochs"]].equals(before.loc[others, ["status", "epochs"]])
+    epochs = store.read_epochs()
+    assert len(epochs) == len(epochs.drop_duplicates(["trial_id", "epoch"]))
+    retried = epochs[epochs["trial_id"].isin(failed)].set_index(["trial_id", "epoch"])
+    for trial in failed:  # epoch 1 from the first run, then on from its checkpoint
+        assert retried.loc[trial]["attempt"].to_dict() == {1: 0, 2: 1, 3: 1}
+    assert "failed" not in capsys.readouterr().err
+
+
 def test_worker_node_dies_trials_retry_from_checkpoint(tiny_data_dir, tiny_space, tmp_path):
     from ray.cluster_utils import Cluster
 

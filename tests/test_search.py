@@ -239,6 +239,8 @@ def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
         (["--set", "seed=-1"], "seed must be between 0 and 4294967295"),
         (["--val-size", "599"], "(the 600 training images less val_size 599)"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+        (["--retry-errored"], "--retry-errored runs an experiment's failed trials again: it "
+         "goes with --resume --name NAME"),
         (["--scheduler", "asha-promote", "--max-concurrent", "2"],
          "--max-concurrent cannot be used with --scheduler asha-promote"),
         (["--scheduler", "hyperband", "--max-concurrent", "2"],
