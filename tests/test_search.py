@@ -145,6 +145,30 @@ def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
         fixed.stdout) and "GPUs are counted" not in text
 
 
+def test_tunes_warnings_with_nothing_to_act_on_are_dropped_and_others_kept():
+    import logging
+
+    from ray.tune.logger import logger as tune_logger_module
+    from ray.tune.search.optuna import optuna_search
+
+    run.quiet_tune()
+    run.quiet_tune()  # a second search in this process adds nothing
+    for module, noise in ((tune_logger_module, "Remote file not found: /r/t/result.json"),
+                          (optuna_search, "Received additional result for trial 1a2b, but "
+                                          "it already finished. Result: {}")):
+        seen: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record, seen=seen: seen.append(record.getMessage())
+        module.logger.addHandler(handler)
+        try:
+            module.logger.warning(noise)
+            module.logger.warning("Error downloading /r/t/result.json")
+        finally:
+            module.logger.removeHandler(handler)
+        assert seen == ["Error downloading /r/t/result.json"]
+        assert module.logger.filters.count(run._not_news) == 1
+
+
 @pytest.mark.parametrize("max_t,factor", [(3, 3), (4, 3), (9, 3), (30, 3), (50, 3), (2, 3),
                                            (16, 2), (5, 2.5)])
 def test_the_plans_hyperband_brackets_are_rays(max_t, factor):
