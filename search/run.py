@@ -276,6 +276,11 @@ def resolve(argv: list[str]) -> Plan:
             raise UsageError(f"--resume: {args.name!r} is being searched now by {holder}")
         searched = store.read_experiment()
         saved = json.loads(searched["settings"])
+        if args.retry_errored and (store.read_trials()["status"] == "budget").any():
+            raise UsageError(f"--retry-errored: the time budget ({_shown(saved['time_budget'])} "
+                             f"s) ended {args.name!r}, and --resume cannot extend it, so no "
+                             "trial can run again; start a new --name (a larger --time-budget, "
+                             "or --full)")
         changed = changed_on_resume(argv, saved)
         if changed:
             raise UsageError(f"--resume continues {args.name!r} with its own settings, and "
@@ -943,7 +948,8 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
               "them); once it can be written, --resume takes them back (or copy the part files "
               "of its epochs/ and trials/ in)", file=sys.stderr)
     interrupted = (trials["status"] == "interrupted").any()
-    if len(failed) and not interrupted:
+    # (a spent time budget lets no trial run again: resolve refuses --retry-errored then)
+    if len(failed) and not interrupted and not counts.get("budget"):
         print(f"once what made them fail is fixed, {_resume_command(store, '--retry-errored')} "
               "runs the failed trials again from their last checkpoint", file=sys.stderr)
     if len(failed) or aside_rows:

@@ -628,6 +628,11 @@ def test_time_budget_records_every_trial_and_queues_no_more_than_can_run(
     assert len(queued) <= 2, queued[["trial_id", "stop_reason"]]
     assert len(trials) <= 4, trials[["trial_id", "stop_reason"]]
     assert run.PENDING_ENV not in os.environ  # not left behind for later runs
+    # Tune saves what is left of the budget (nothing) with its state: no trial can run again
+    again = ["--storage", str(tmp_path), "--name", "budget", "--resume", "--retry-errored"]
+    with pytest.raises(run.UsageError, match=r"--retry-errored: the time budget \(15 s\) ended "
+                       "'budget', and --resume cannot extend it"):
+        run.resolve(again)
 
 
 @pytest.mark.parametrize("flags, resources, expected", [
