@@ -26,7 +26,13 @@ import pyarrow as pa
 from fmnist.config import RUNTIME_KEYS
 from results import leaderboard as lb
 from results import plots
-from results.store import FINAL_DIR, ExperimentStore, open_experiment, os_reason
+from results.store import (
+    FINAL_DIR,
+    ExperimentStore,
+    canonical_epochs,
+    open_experiment,
+    os_reason,
+)
 
 
 class FinalError(ValueError):
@@ -110,7 +116,8 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
     out = out or sys.stdout
     store = open_experiment(path)
     experiment = store.read_experiment()  # StoreError: missing, not an experiment, damaged
-    trials, epochs = store.read_trials(), store.read_epochs()
+    trials, all_epochs = store.read_trials(), store.read_epochs(canonical=False)
+    epochs = canonical_epochs(all_epochs)
     chosen = choose(trials, trial_id, top)
     pending = lb.without_trial_row(trials, epochs)
     if len(pending):
@@ -193,8 +200,8 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
         drawn = write_figures(experiment, trials, epochs, final_dir, splits)
         flags = drawn["hyperparameters.png"]["flags"]
         summary = summarize(results)
-        report = render_report(experiment, trials, epochs, results, summary, ev, trial, flags,
-                               argv or [], folder, pending, retrain)
+        report = render_report(experiment, trials, epochs, all_epochs, results, summary, ev,
+                               trial, flags, argv or [], folder, pending, retrain)
         (final_dir / "report.md").write_text(report)
     print(f"test accuracy {accuracy_text(summary)}; report: {store.uri(folder, 'report.md')}",
           file=out, flush=True)
@@ -291,13 +298,14 @@ def write_figures(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
 
 
 def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame,
-                  results: pd.DataFrame, summary: dict[str, Any], ev, trial: pd.Series,
-                  flags: dict[str, str], argv: list[str], folder: str, pending: pd.DataFrame,
-                  retrain: str) -> str:
-    """report.md: leaderboard, plots, final figures, accounting, provenance. `pending`: the
+                  all_epochs: pd.DataFrame, results: pd.DataFrame, summary: dict[str, Any], ev,
+                  trial: pd.Series, flags: dict[str, str], argv: list[str], folder: str,
+                  pending: pd.DataFrame, retrain: str) -> str:
+    """report.md: leaderboard, plots, final figures, accounting, provenance. `epochs`: the
+    canonical view, `all_epochs`: every row (epochs run again included). `pending`: the
     trials without a trial row (lb.without_trial_row); `retrain`: how long the best
     configuration was retrained (epochs_text)."""
-    acct = lb.accounting(experiment, trials, epochs)
+    acct = lb.accounting(experiment, trials, epochs, all_epochs)
     board = lb.leaderboard(trials.assign(experiment=experiment["name"]), top=10)
     versions = json.loads(experiment.get("versions") or "{}")
     per_class = pd.DataFrame(ev.per_class()).round(4)
@@ -363,9 +371,13 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
         f"stopped early, {acct['failed']} failed)",
         f"- trial-epochs run: {acct['trial_epochs']} of "
         f"{acct['trial_epochs_without_early_stopping']} without early stopping "
-        f"({acct['epochs_saved_fraction']:.0%} saved)",
-        f"- core-seconds in epochs: {acct['core_seconds']:,.0f}; GPU-seconds: "
-        f"{acct['gpu_seconds']:,.0f}",
+        f"({acct['epochs_saved_fraction']:.0%} saved)" + (
+            f"; {acct['trial_epochs_rerun']} more ran again after a failure or a resume (the "
+            "tables and plots use each epoch's last run)" if acct["trial_epochs_rerun"] else ""),
+        f"- core-seconds in epochs: {acct['core_seconds']:,.0f}" + (
+            f" ({acct['core_seconds_rerun']:,.0f} in epochs run again)"
+            if acct["trial_epochs_rerun"] else "") +
+        f"; GPU-seconds: {acct['gpu_seconds']:,.0f}",
         f"- best validation accuracy {acct['best_val_accuracy']} first reached after "
         f"{acct['best_found_after_s']} s and {acct['best_found_after_trial_epochs']} "
         "trial-epochs",

@@ -180,14 +180,27 @@ def time_to_target(curve: pd.DataFrame, target: float) -> float | None:
     return float(hit["wall_s"].iloc[0]) if len(hit) else None
 
 
-def accounting(experiment: dict[str, Any], trials: pd.DataFrame,
-               epochs: pd.DataFrame) -> dict[str, Any]:
-    """Compute spent against what running every trial to max_t would have cost."""
+def accounting(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame,
+               all_epochs: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Compute spent against what running every trial to max_t would have cost.
+
+    `epochs` is the canonical view (each epoch's last run); `all_epochs`, every epoch row
+    recorded, adds the epochs that ran again after a failure or a resume (`trial_epochs_rerun`,
+    `core_seconds_rerun`; `core_seconds` and `gpu_seconds` count them too)."""
     max_epochs = int(experiment.get("max_epochs") or trials["epochs"].max() or 0)
     run = int(len(epochs))
     full = int(len(trials) * max_epochs)
     cpus = trials["cpus"].fillna(1.0)
     gpus = trials["gpus"].fillna(0.0)
+    rerun, rerun_core, rerun_gpu = 0, 0.0, 0.0
+    if all_epochs is not None and len(all_epochs) > len(epochs):
+        def spent(rows: pd.DataFrame, per: pd.Series, default: float) -> float:
+            share = rows["trial_id"].map(dict(zip(trials["trial_id"], per, strict=True)))
+            return float((rows["epoch_time_s"].fillna(0) * share.fillna(default)).sum())
+
+        rerun = len(all_epochs) - len(epochs)
+        rerun_core = spent(all_epochs, cpus, 1.0) - spent(epochs, cpus, 1.0)
+        rerun_gpu = spent(all_epochs, gpus, 0.0) - spent(epochs, gpus, 0.0)
     curve = anytime(epochs.assign(experiment=experiment.get("name", "")))
     best = float(curve["best_so_far"].max()) if len(curve) else float("nan")
     found = curve[curve["best_so_far"] >= best] if len(curve) else curve
@@ -199,8 +212,12 @@ def accounting(experiment: dict[str, Any], trials: pd.DataFrame,
         "trial_epochs": run,
         "trial_epochs_without_early_stopping": full,
         "epochs_saved_fraction": round(1 - run / full, 3) if full else 0.0,
-        "core_seconds": round(float((trials["train_time_s"].fillna(0) * cpus).sum()), 1),
-        "gpu_seconds": round(float((trials["train_time_s"].fillna(0) * gpus).sum()), 1),
+        "trial_epochs_rerun": int(rerun),
+        "core_seconds": round(float((trials["train_time_s"].fillna(0) * cpus).sum())
+                              + rerun_core, 1),
+        "core_seconds_rerun": round(rerun_core, 1),
+        "gpu_seconds": round(float((trials["train_time_s"].fillna(0) * gpus).sum())
+                             + rerun_gpu, 1),
         "best_val_accuracy": round(best, 4),
         "best_found_after_s": round(float(found["wall_s"].iloc[0]), 1) if len(found) else None,
         "best_found_after_trial_epochs": int(found["trial_epochs"].iloc[0]) if len(found)

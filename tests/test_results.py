@@ -159,6 +159,16 @@ def test_accounting(two):
     assert acct["core_seconds"] == pytest.approx(exps.trials["train_time_s"].sum())
     assert acct["best_val_accuracy"] == pytest.approx(exps.trials["best_val_accuracy"].max(),
                                                       abs=1e-4)
+    assert acct["trial_epochs_rerun"] == 0 and acct["core_seconds_rerun"] == 0
+    # Three epochs that ran twice (a retry from an earlier checkpoint, a resume): the runs
+    # the canonical view dropped count as compute, not as trial-epochs of the search.
+    first = exps.epochs.head(3).assign(attempt=-1, epoch_time_s=2.0)
+    trials = exps.trials.assign(cpus=2.0)
+    again = lb.accounting(row, trials, exps.epochs, pd.concat([first, exps.epochs]))
+    assert again["trial_epochs"] == acct["trial_epochs"] and again["trial_epochs_rerun"] == 3
+    assert again["core_seconds_rerun"] == pytest.approx(3 * 2.0 * 2)
+    assert again["core_seconds"] == pytest.approx(2 * exps.trials["train_time_s"].sum() + 12,
+                                                  abs=0.1)
 
 
 def test_final_retrains_with_the_precision_the_search_recorded():
