@@ -594,14 +594,12 @@ def check_storage_reaches_all_nodes(args: argparse.Namespace) -> None:
 
 
 def make_scheduler(args: argparse.Namespace):
-    from ray.tune.schedulers import (
-        ASHAScheduler,
-        FIFOScheduler,
-        MedianStoppingRule,
-    )
+    from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule
 
     if args.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=args.max_epochs,
+        from search.schedulers import ResumableASHA
+
+        return ResumableASHA(time_attr="training_iteration", max_t=args.max_epochs,
                              grace_period=args.grace_period,
                              reduction_factor=args.reduction_factor)
     if args.scheduler == "asha-promote":
@@ -728,6 +726,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     from ray import tune
 
     from search.recorder import ParquetRecorder
+    from search.schedulers import ResumableASHA
     from search.spaces import to_tune
     from search.trainable import FMNISTTrainable
 
@@ -758,6 +757,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
             locked = True
             plan.store.sweep_tmp()
             ParquetRecorder.relocated_to = plan.store  # where it is now, if it moved
+            ResumableASHA.on_record = scores_on_record(plan.store)  # asha's rungs again
             tuner = tune.Tuner.restore(plan.store.uri("ray"), trainable=trainable,
                                        resume_unfinished=True,
                                        resume_errored=a.retry_errored)
@@ -816,6 +816,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
         if limit is not None:
             os.environ.pop(PENDING_ENV, None)
         ParquetRecorder.relocated_to = None
+        ResumableASHA.on_record = {}
         if locked:
             plan.store.unlock_search()
         if started_here:
@@ -852,6 +853,17 @@ def quiet_tune() -> None:
     """Drop NOT_NEWS's warnings (at their loggers, so before any handler sees them)."""
     for name in NOT_NEWS:
         logging.getLogger(name).addFilter(_not_news)  # added once however often called
+
+
+def scores_on_record(store: ExperimentStore) -> dict[str, dict[int, float]]:
+    """Every trial's METRIC by epoch, from the experiment's canonical epochs."""
+    epochs = store.read_epochs()
+    scores: dict[str, dict[int, float]] = {}
+    for trial_id, epoch, value in zip(epochs["trial_id"], epochs["epoch"], epochs[METRIC],
+                                      strict=True):
+        if value is not None and value == value:  # not None, not NaN
+            scores.setdefault(trial_id, {})[int(epoch)] = float(value)
+    return scores
 
 
 def claim_experiment_folder(store: ExperimentStore, default_name: bool) -> ExperimentStore:

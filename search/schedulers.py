@@ -1,5 +1,5 @@
-"""Promotion-based ASHA for Ray Tune (`--scheduler asha-promote`), and Ray's Hyperband made
-safe to resume (`--scheduler hyperband`).
+"""Promotion-based ASHA for Ray Tune (`--scheduler asha-promote`), and Ray's ASHA and
+Hyperband made to resume (`--scheduler asha`, `--scheduler hyperband`).
 
 Ray's `AsyncHyperBandScheduler` (`--scheduler asha`) decides stop-or-continue the moment a trial
 reaches a rung, against the trials recorded there so far: the first trial at a rung always
@@ -31,6 +31,12 @@ beside one waits, paused, for ever (checked: `--resume` of a `max_t` 3 search st
 two trials at epoch 1 of its 3x1 -> 1x3 bracket was still waiting after 150 s, for a few
 seconds of work). `ResumableHyperBand` leaves finished and failed trials out of its brackets;
 the unfinished ones fill new brackets as new configs would.
+
+ASHA. The same new scheduler starts with empty rungs, so after a resume the first trials to
+reach each rung continue whatever they score, and trials already past a rung are judged at it
+again against the few results reported since. `ResumableASHA` fills its rungs again from the
+validation accuracies on record (`search/run.py` reads them from the experiment's epochs before
+Tune restores it), so a resumed search stops what the search would have stopped.
 """
 
 from __future__ import annotations
@@ -39,7 +45,12 @@ import math
 from typing import Any
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import FIFOScheduler, HyperBandScheduler, TrialScheduler
+from ray.tune.schedulers import (
+    AsyncHyperBandScheduler,
+    FIFOScheduler,
+    HyperBandScheduler,
+    TrialScheduler,
+)
 
 
 class PromotingASHA(FIFOScheduler):
@@ -178,3 +189,23 @@ class ResumableHyperBand(HyperBandScheduler):
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
         if trial in self._trial_info:
             super().on_trial_remove(tune_controller, trial)
+
+
+class ResumableASHA(AsyncHyperBandScheduler):
+    """Ray's ASHA, whose rungs a `--resume` fills again from the epochs on record."""
+
+    # trial id -> {epoch: the metric}, set by run.py for a --resume (Tune restores the
+    # scheduler pickled when the search started, so this is not an instance attribute)
+    on_record: dict[str, dict[int, float]] = {}
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        scores = ResumableASHA.on_record.get(trial.trial_id)
+        if not scores:
+            return
+        for milestone, recorded in self._trial_info[trial.trial_id]._rungs:
+            # Ray records a trial at a rung with the first result at or past its milestone
+            # (a float when the reduction factor is one): that epoch's score.
+            score = scores.get(math.ceil(milestone))
+            if score is not None and score == score:
+                recorded.setdefault(trial.trial_id, self._metric_op * score)

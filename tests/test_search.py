@@ -725,6 +725,43 @@ def test_asha_promote_continues_only_the_top_third_of_a_rung():
     assert not sched.promotable(1, "g", finishing=True)
 
 
+def test_asha_after_a_resume_judges_trials_against_the_epochs_on_record(monkeypatch):
+    from ray.tune.experiment import Trial
+
+    from search.schedulers import ResumableASHA
+
+    def restored(factor: float = 3) -> tuple[ResumableASHA, dict[str, Trial]]:
+        """A new scheduler, as Tune builds on --resume, given every trial of the experiment:
+        a completed, b and c stopped at epoch 1, d interrupted after epoch 2, e not started."""
+        sched = ResumableASHA(time_attr="training_iteration", metric="val_accuracy",
+                              mode="max", max_t=9, grace_period=1, reduction_factor=factor)
+        trials = {t: Trial("FMNISTTrainable", config={}, trial_id=t, stub=True)
+                  for t in "abcde"}
+        for trial in trials.values():
+            sched.on_trial_add(None, trial)
+        return sched, trials
+
+    def result(epoch: int, acc: float) -> dict[str, float]:
+        return {"training_iteration": epoch, "val_accuracy": acc}
+
+    # Empty rungs (Ray's ASHA on resume): the first to reach a rung continues, whatever it is.
+    sched, trials = restored()
+    assert sched.on_trial_result(None, trials["e"], result(1, 0.65)) == "CONTINUE"
+    assert sched.on_trial_result(None, trials["d"], result(3, 0.63)) == "CONTINUE"
+
+    monkeypatch.setattr(ResumableASHA, "on_record", {
+        "a": {1: 0.9, 2: 0.91, 3: 0.92}, "b": {1: 0.8}, "c": {1: 0.7}, "d": {1: 0.6, 2: 0.62}})
+    sched, trials = restored()
+    # rung 1 holds a, b, c, d: e's 0.65 is below its top third
+    assert sched.on_trial_result(None, trials["e"], result(1, 0.65)) == "STOP"
+    # d passed rung 1 before the resume; at rung 3 it meets a's 0.92
+    assert sched.on_trial_result(None, trials["d"], result(3, 0.63)) == "STOP"
+    # a factor of 2.5 puts a rung at 2.5 epochs: Ray records the result of epoch 3 there
+    # (a's 0.92, not its 0.91 of epoch 2)
+    sched, trials = restored(2.5)
+    assert sched.on_trial_result(None, trials["e"], result(3, 0.915)) == "STOP"
+
+
 @pytest.mark.parametrize("searcher", ["random", "optuna", "tpe-rungs"])
 def test_asha_promote_pauses_at_rungs_and_resumes_the_best(ray_session, tiny_data_dir,
                                                            tiny_space, tmp_path, searcher):
