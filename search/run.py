@@ -594,7 +594,7 @@ def check_storage_reaches_all_nodes(args: argparse.Namespace) -> None:
 
 
 def make_scheduler(args: argparse.Namespace):
-    from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule
+    from ray.tune.schedulers import FIFOScheduler
 
     if args.scheduler == "asha":
         from search.schedulers import ResumableASHA
@@ -614,8 +614,10 @@ def make_scheduler(args: argparse.Namespace):
         return ResumableHyperBand(time_attr="training_iteration", max_t=args.max_epochs,
                                   reduction_factor=args.reduction_factor)
     if args.scheduler == "median":
-        return MedianStoppingRule(time_attr="training_iteration", grace_period=args.grace_period,
-                                  min_samples_required=2)
+        from search.schedulers import ResumableMedian
+
+        return ResumableMedian(time_attr="training_iteration", grace_period=args.grace_period,
+                               min_samples_required=2)
     return FIFOScheduler()
 
 
@@ -726,7 +728,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     from ray import tune
 
     from search.recorder import ParquetRecorder
-    from search.schedulers import ResumableASHA
+    from search.schedulers import OnRecord
     from search.spaces import to_tune
     from search.trainable import FMNISTTrainable
 
@@ -757,7 +759,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
             locked = True
             plan.store.sweep_tmp()
             ParquetRecorder.relocated_to = plan.store  # where it is now, if it moved
-            ResumableASHA.on_record = scores_on_record(plan.store)  # asha's rungs again
+            OnRecord.scores = scores_on_record(plan.store)  # asha's, median's state again
             tuner = tune.Tuner.restore(plan.store.uri("ray"), trainable=trainable,
                                        resume_unfinished=True,
                                        resume_errored=a.retry_errored)
@@ -816,7 +818,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
         if limit is not None:
             os.environ.pop(PENDING_ENV, None)
         ParquetRecorder.relocated_to = None
-        ResumableASHA.on_record = {}
+        OnRecord.scores = {}
         if locked:
             plan.store.unlock_search()
         if started_here:
@@ -840,6 +842,10 @@ NOT_NEWS = {
     # --retry-errored: Optuna was told these trials failed, and warns of every result they
     # report now, each with the whole result dict.
     "ray.tune.search.optuna.optuna_search": "Received additional ",
+    # At the end of a resumed search Tune's result objects look for trials' result.json in
+    # --storage before Tune's last sync has put them there (they were there after it: checked,
+    # a median search resumed); the report reads the Parquet rows, not these objects.
+    "ray.tune.analysis.experiment_analysis": "Failed to fetch metrics for ",
 }
 
 

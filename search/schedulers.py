@@ -32,11 +32,13 @@ two trials at epoch 1 of its 3x1 -> 1x3 bracket was still waiting after 150 s, f
 seconds of work). `ResumableHyperBand` leaves finished and failed trials out of its brackets;
 the unfinished ones fill new brackets as new configs would.
 
-ASHA. The same new scheduler starts with empty rungs, so after a resume the first trials to
-reach each rung continue whatever they score, and trials already past a rung are judged at it
-again against the few results reported since. `ResumableASHA` fills its rungs again from the
-validation accuracies on record (`search/run.py` reads them from the experiment's epochs before
-Tune restores it), so a resumed search stops what the search would have stopped.
+ASHA and the median rule. The same new scheduler starts with empty rungs, so after a resume
+the first trials to reach each rung continue whatever they score, and trials already past a
+rung are judged at it again against the few results reported since; the median rule has no
+results to take a median of until trials report again. `ResumableASHA` and `ResumableMedian`
+fill their state again from the validation accuracies on record (`OnRecord`: search/run.py
+reads them from the experiment's epochs before Tune restores it), so a resumed search stops
+what the search would have stopped.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from ray.tune.schedulers import (
     AsyncHyperBandScheduler,
     FIFOScheduler,
     HyperBandScheduler,
+    MedianStoppingRule,
     TrialScheduler,
 )
 
@@ -191,16 +194,20 @@ class ResumableHyperBand(HyperBandScheduler):
             super().on_trial_remove(tune_controller, trial)
 
 
+class OnRecord:
+    """What a `--resume` fills the schedulers' state with again: trial id -> {epoch: the
+    metric}, set by run.py before Tune restores the experiment and cleared after. (Tune
+    restores the scheduler pickled when the search started: nothing can be handed to it.)"""
+
+    scores: dict[str, dict[int, float]] = {}
+
+
 class ResumableASHA(AsyncHyperBandScheduler):
     """Ray's ASHA, whose rungs a `--resume` fills again from the epochs on record."""
 
-    # trial id -> {epoch: the metric}, set by run.py for a --resume (Tune restores the
-    # scheduler pickled when the search started, so this is not an instance attribute)
-    on_record: dict[str, dict[int, float]] = {}
-
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        scores = ResumableASHA.on_record.get(trial.trial_id)
+        scores = OnRecord.scores.get(trial.trial_id)
         if not scores:
             return
         for milestone, recorded in self._trial_info[trial.trial_id]._rungs:
@@ -209,3 +216,15 @@ class ResumableASHA(AsyncHyperBandScheduler):
             score = scores.get(math.ceil(milestone))
             if score is not None and score == score:
                 recorded.setdefault(trial.trial_id, self._metric_op * score)
+
+
+class ResumableMedian(MedianStoppingRule):
+    """Ray's median stopping rule, whose results a `--resume` fills again from the epochs on
+    record (it compares a trial with the running means of every other trial's results)."""
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        scores = OnRecord.scores.get(trial.trial_id)
+        if scores and not self._results.get(trial):
+            self._results[trial] = [{self._time_attr: epoch, self._metric: score}
+                                    for epoch, score in sorted(scores.items())]

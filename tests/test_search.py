@@ -148,6 +148,7 @@ def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
 def test_tunes_warnings_with_nothing_to_act_on_are_dropped_and_others_kept():
     import logging
 
+    from ray.tune.analysis import experiment_analysis
     from ray.tune.logger import logger as tune_logger_module
     from ray.tune.search.optuna import optuna_search
 
@@ -155,7 +156,9 @@ def test_tunes_warnings_with_nothing_to_act_on_are_dropped_and_others_kept():
     run.quiet_tune()  # a second search in this process adds nothing
     for module, noise in ((tune_logger_module, "Remote file not found: /r/t/result.json"),
                           (optuna_search, "Received additional result for trial 1a2b, but "
-                                          "it already finished. Result: {}")):
+                                          "it already finished. Result: {}"),
+                          (experiment_analysis, "Failed to fetch metrics for 2 trial(s):\n- "
+                                                "T_1: FileNotFoundError('...')")):
         seen: list[str] = []
         handler = logging.Handler()
         handler.emit = lambda record, seen=seen: seen.append(record.getMessage())
@@ -728,7 +731,7 @@ def test_asha_promote_continues_only_the_top_third_of_a_rung():
 def test_asha_after_a_resume_judges_trials_against_the_epochs_on_record(monkeypatch):
     from ray.tune.experiment import Trial
 
-    from search.schedulers import ResumableASHA
+    from search.schedulers import OnRecord, ResumableASHA
 
     def restored(factor: float = 3) -> tuple[ResumableASHA, dict[str, Trial]]:
         """A new scheduler, as Tune builds on --resume, given every trial of the experiment:
@@ -749,7 +752,7 @@ def test_asha_after_a_resume_judges_trials_against_the_epochs_on_record(monkeypa
     assert sched.on_trial_result(None, trials["e"], result(1, 0.65)) == "CONTINUE"
     assert sched.on_trial_result(None, trials["d"], result(3, 0.63)) == "CONTINUE"
 
-    monkeypatch.setattr(ResumableASHA, "on_record", {
+    monkeypatch.setattr(OnRecord, "scores", {
         "a": {1: 0.9, 2: 0.91, 3: 0.92}, "b": {1: 0.8}, "c": {1: 0.7}, "d": {1: 0.6, 2: 0.62}})
     sched, trials = restored()
     # rung 1 holds a, b, c, d: e's 0.65 is below its top third
@@ -760,6 +763,47 @@ def test_asha_after_a_resume_judges_trials_against_the_epochs_on_record(monkeypa
     # (a's 0.92, not its 0.91 of epoch 2)
     sched, trials = restored(2.5)
     assert sched.on_trial_result(None, trials["e"], result(3, 0.915)) == "STOP"
+
+
+class _NoneWaiting:
+    """What the median rule asks Tune's controller when it has too few results to compare
+    with: which trials wait to run (none here, so it lets the trial go on)."""
+
+    def get_live_trials(self) -> list:
+        return []
+
+
+def test_the_median_rule_after_a_resume_compares_with_the_epochs_on_record(monkeypatch):
+    from ray.tune.experiment import Trial
+
+    from search.schedulers import OnRecord, ResumableMedian
+
+    def restored() -> tuple[ResumableMedian, dict[str, Trial]]:
+        """As Tune builds it on --resume (run.py's settings): a completed, b stopped at epoch 2,
+        d interrupted after epoch 1, e not started."""
+        sched = ResumableMedian(time_attr="training_iteration", metric="val_accuracy",
+                                mode="max", grace_period=1, min_samples_required=2)
+        trials = {t: Trial("FMNISTTrainable", config={}, trial_id=t, stub=True)
+                  for t in "abde"}
+        for trial in trials.values():
+            sched.on_trial_add(None, trial)
+        return sched, trials
+
+    def result(epoch: int, acc: float) -> dict[str, float]:
+        return {"training_iteration": epoch, "val_accuracy": acc}
+
+    # Nothing to compare with (Ray's rule on resume): every trial goes on.
+    sched, trials = restored()
+    assert sched.on_trial_result(_NoneWaiting(), trials["e"], result(1, 0.5)) == "CONTINUE"
+    assert sched.on_trial_result(_NoneWaiting(), trials["d"], result(2, 0.35)) == "CONTINUE"
+
+    monkeypatch.setattr(OnRecord, "scores", {"a": {1: 0.9, 2: 0.9, 3: 0.9}, "b": {1: 0.8, 2: 0.8},
+                                             "d": {1: 0.3}})
+    sched, trials = restored()
+    # at epoch 1 the running means of a, b, d are 0.9, 0.8, 0.3: e's 0.5 is below the median
+    assert sched.on_trial_result(_NoneWaiting(), trials["e"], result(1, 0.5)) == "STOP"
+    # d's best by epoch 2 (its epoch 1 on record, 0.35 now) is below a's and b's 0.85
+    assert sched.on_trial_result(_NoneWaiting(), trials["d"], result(2, 0.35)) == "STOP"
 
 
 @pytest.mark.parametrize("searcher", ["random", "optuna", "tpe-rungs"])
