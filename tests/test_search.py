@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -728,41 +729,46 @@ def test_asha_promote_continues_only_the_top_third_of_a_rung():
     assert not sched.promotable(1, "g", finishing=True)
 
 
-def test_asha_after_a_resume_judges_trials_against_the_epochs_on_record(monkeypatch):
+def _given_trials(sched: Any, ids: str) -> dict[str, Any]:
+    """Tune's Trial objects `ids`, added to a new scheduler as Tune adds every trial of the
+    experiment on --resume."""
     from ray.tune.experiment import Trial
 
+    trials = {t: Trial("FMNISTTrainable", config={}, trial_id=t, stub=True) for t in ids}
+    for trial in trials.values():
+        sched.on_trial_add(None, trial)
+    return trials
+
+
+def _result(epoch: int, acc: float) -> dict[str, float]:
+    return {"training_iteration": epoch, "val_accuracy": acc}
+
+
+def test_asha_after_a_resume_judges_trials_against_the_epochs_on_record(monkeypatch):
     from search.schedulers import OnRecord, ResumableASHA
 
-    def restored(factor: float = 3) -> tuple[ResumableASHA, dict[str, Trial]]:
-        """A new scheduler, as Tune builds on --resume, given every trial of the experiment:
-        a completed, b and c stopped at epoch 1, d interrupted after epoch 2, e not started."""
+    def restored(factor: float = 3) -> tuple[ResumableASHA, dict[str, Any]]:
+        """a completed, b and c stopped at epoch 1, d interrupted after epoch 2, e not started."""
         sched = ResumableASHA(time_attr="training_iteration", metric="val_accuracy",
                               mode="max", max_t=9, grace_period=1, reduction_factor=factor)
-        trials = {t: Trial("FMNISTTrainable", config={}, trial_id=t, stub=True)
-                  for t in "abcde"}
-        for trial in trials.values():
-            sched.on_trial_add(None, trial)
-        return sched, trials
-
-    def result(epoch: int, acc: float) -> dict[str, float]:
-        return {"training_iteration": epoch, "val_accuracy": acc}
+        return sched, _given_trials(sched, "abcde")
 
     # Empty rungs (Ray's ASHA on resume): the first to reach a rung continues, whatever it is.
     sched, trials = restored()
-    assert sched.on_trial_result(None, trials["e"], result(1, 0.65)) == "CONTINUE"
-    assert sched.on_trial_result(None, trials["d"], result(3, 0.63)) == "CONTINUE"
+    assert sched.on_trial_result(None, trials["e"], _result(1, 0.65)) == "CONTINUE"
+    assert sched.on_trial_result(None, trials["d"], _result(3, 0.63)) == "CONTINUE"
 
     monkeypatch.setattr(OnRecord, "scores", {
         "a": {1: 0.9, 2: 0.91, 3: 0.92}, "b": {1: 0.8}, "c": {1: 0.7}, "d": {1: 0.6, 2: 0.62}})
     sched, trials = restored()
     # rung 1 holds a, b, c, d: e's 0.65 is below its top third
-    assert sched.on_trial_result(None, trials["e"], result(1, 0.65)) == "STOP"
+    assert sched.on_trial_result(None, trials["e"], _result(1, 0.65)) == "STOP"
     # d passed rung 1 before the resume; at rung 3 it meets a's 0.92
-    assert sched.on_trial_result(None, trials["d"], result(3, 0.63)) == "STOP"
+    assert sched.on_trial_result(None, trials["d"], _result(3, 0.63)) == "STOP"
     # a factor of 2.5 puts a rung at 2.5 epochs: Ray records the result of epoch 3 there
     # (a's 0.92, not its 0.91 of epoch 2)
     sched, trials = restored(2.5)
-    assert sched.on_trial_result(None, trials["e"], result(3, 0.915)) == "STOP"
+    assert sched.on_trial_result(None, trials["e"], _result(3, 0.915)) == "STOP"
 
 
 class _NoneWaiting:
@@ -774,36 +780,28 @@ class _NoneWaiting:
 
 
 def test_the_median_rule_after_a_resume_compares_with_the_epochs_on_record(monkeypatch):
-    from ray.tune.experiment import Trial
-
     from search.schedulers import OnRecord, ResumableMedian
 
-    def restored() -> tuple[ResumableMedian, dict[str, Trial]]:
-        """As Tune builds it on --resume (run.py's settings): a completed, b stopped at epoch 2,
-        d interrupted after epoch 1, e not started."""
+    def restored() -> tuple[ResumableMedian, dict[str, Any]]:
+        """run.py's settings; a completed, b stopped at epoch 2, d interrupted after epoch 1,
+        e not started."""
         sched = ResumableMedian(time_attr="training_iteration", metric="val_accuracy",
                                 mode="max", grace_period=1, min_samples_required=2)
-        trials = {t: Trial("FMNISTTrainable", config={}, trial_id=t, stub=True)
-                  for t in "abde"}
-        for trial in trials.values():
-            sched.on_trial_add(None, trial)
-        return sched, trials
+        return sched, _given_trials(sched, "abde")
 
-    def result(epoch: int, acc: float) -> dict[str, float]:
-        return {"training_iteration": epoch, "val_accuracy": acc}
 
     # Nothing to compare with (Ray's rule on resume): every trial goes on.
     sched, trials = restored()
-    assert sched.on_trial_result(_NoneWaiting(), trials["e"], result(1, 0.5)) == "CONTINUE"
-    assert sched.on_trial_result(_NoneWaiting(), trials["d"], result(2, 0.35)) == "CONTINUE"
+    assert sched.on_trial_result(_NoneWaiting(), trials["e"], _result(1, 0.5)) == "CONTINUE"
+    assert sched.on_trial_result(_NoneWaiting(), trials["d"], _result(2, 0.35)) == "CONTINUE"
 
     monkeypatch.setattr(OnRecord, "scores", {"a": {1: 0.9, 2: 0.9, 3: 0.9}, "b": {1: 0.8, 2: 0.8},
                                              "d": {1: 0.3}})
     sched, trials = restored()
     # at epoch 1 the running means of a, b, d are 0.9, 0.8, 0.3: e's 0.5 is below the median
-    assert sched.on_trial_result(_NoneWaiting(), trials["e"], result(1, 0.5)) == "STOP"
+    assert sched.on_trial_result(_NoneWaiting(), trials["e"], _result(1, 0.5)) == "STOP"
     # d's best by epoch 2 (its epoch 1 on record, 0.35 now) is below a's and b's 0.85
-    assert sched.on_trial_result(_NoneWaiting(), trials["d"], result(2, 0.35)) == "STOP"
+    assert sched.on_trial_result(_NoneWaiting(), trials["d"], _result(2, 0.35)) == "STOP"
 
 
 @pytest.mark.parametrize("searcher", ["random", "optuna", "tpe-rungs"])
