@@ -1,5 +1,5 @@
-"""Promotion-based ASHA for Ray Tune (`--scheduler asha-promote`), and Ray's ASHA and
-Hyperband made to resume (`--scheduler asha`, `--scheduler hyperband`).
+"""Promotion-based ASHA for Ray Tune (`--scheduler asha-promote`), and Ray's ASHA, median
+stopping rule and Hyperband made to resume (`asha`, `median`, `hyperband`).
 
 Ray's `AsyncHyperBandScheduler` (`--scheduler asha`) decides stop-or-continue the moment a trial
 reaches a rung, against the trials recorded there so far: the first trial at a rung always
@@ -211,8 +211,8 @@ class ResumableASHA(AsyncHyperBandScheduler):
         if not scores:
             return
         for milestone, recorded in self._trial_info[trial.trial_id]._rungs:
-            # Ray records a trial at a rung with the first result at or past its milestone
-            # (a float when the reduction factor is one): that epoch's score.
+            # Ray records a trial at a rung with its first result at or past the milestone
+            # (2.5 epochs with a factor of 2.5: epoch 3), so that epoch's score goes there.
             score = scores.get(math.ceil(milestone))
             if score is not None and score == score:
                 recorded.setdefault(trial.trial_id, self._metric_op * score)
