@@ -862,7 +862,10 @@ def quiet_tune() -> None:
 
 
 def scores_on_record(store: ExperimentStore) -> dict[str, dict[int, float]]:
-    """Every trial's METRIC by epoch, from the experiment's canonical epochs."""
+    """Every trial's METRIC by epoch, from the experiment's canonical epochs (OnRecord's form).
+
+    A second read of the epochs besides the recorder's own: Tune adds the trials to the
+    scheduler while it restores, before it sets up the callbacks."""
     epochs = store.read_epochs()
     scores: dict[str, dict[int, float]] = {}
     for trial_id, epoch, value in zip(epochs["trial_id"], epochs["epoch"], epochs[METRIC],

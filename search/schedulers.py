@@ -196,8 +196,9 @@ class ResumableHyperBand(HyperBandScheduler):
 
 class OnRecord:
     """What a `--resume` fills the schedulers' state with again: trial id -> {epoch: the
-    metric}, set by run.py before Tune restores the experiment and cleared after. (Tune
-    restores the scheduler pickled when the search started: nothing can be handed to it.)"""
+    metric} (numbers: epochs without one are left out), set by run.py before Tune restores the
+    experiment and cleared after. (Tune restores the scheduler pickled when the search
+    started: nothing can be handed to it.)"""
 
     scores: dict[str, dict[int, float]] = {}
 
@@ -214,7 +215,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
             # Ray records a trial at a rung with its first result at or past the milestone
             # (2.5 epochs with a factor of 2.5: epoch 3), so that epoch's score goes there.
             score = scores.get(math.ceil(milestone))
-            if score is not None and score == score:
+            if score is not None:
                 recorded.setdefault(trial.trial_id, self._metric_op * score)
 
 
