@@ -1,6 +1,12 @@
 # Two commands on a fresh Debian/Ubuntu machine: `make run` (the main job) and `make test`.
 # Both set everything up first: a virtualenv with the project, and the Fashion-MNIST files.
-PYTHON ?= python3
+# python3 when it is 3.11 or newer (Keras 3.13, the first with the safe-mode fixes, needs it),
+# else the newest python3.1X on PATH; PYTHON=... picks one.
+ifndef PYTHON
+PYTHON := $(shell for p in python3 python3.14 python3.13 python3.12 python3.11; do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; exit; }; \
+	done; echo python3)
+endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -12,6 +18,11 @@ ARGS ?=
 setup: $(VENV)/.installed data
 
 $(VENV)/.installed: pyproject.toml
+	@v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
+		|| { echo "$(PYTHON) not found: install Python 3.11 or newer, or name it with PYTHON=..."; exit 1; }; \
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "$(PYTHON) is Python $$v; \
+	fmnist-search needs 3.11 or newer (Keras 3.13 does): install one (e.g. apt-get install \
+	python3.11), then run make with PYTHON=python3.11"; exit 1; }
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory venv-module
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
