@@ -484,11 +484,12 @@ def describe(plan: Plan, cpus: float | None) -> str:
     lines.append(f"precision: {precision_plan(s, a)}")
     lines.append(f"results: {plan.store.uri()}")
     if a.resume:
-        lines.append(resume_plan(plan.store, a.retry_errored))
+        lines.append(resume_plan(plan.store, a.retry_errored, a.max_concurrent))
     return "\n".join(lines)
 
 
-def resume_plan(store: ExperimentStore, retry_errored: bool) -> str:
+def resume_plan(store: ExperimentStore, retry_errored: bool,
+                max_concurrent: int | None = None) -> str:
     """What --resume will do with the trials recorded so far, as one line."""
     trials = store.read_trials()
     counts = trials["status"].value_counts().to_dict()
@@ -497,6 +498,9 @@ def resume_plan(store: ExperimentStore, retry_errored: bool) -> str:
     failed = counts.get("error", 0)
     if failed and retry_errored:
         line += f"; the {failed} failed trial(s) run again from their last checkpoint"
+        if max_concurrent:  # Tune re-queues them itself; its limit counts the searcher's
+            line += (f", as CPUs/GPUs free up (--max-concurrent {max_concurrent} holds back "
+                     "new configurations, not these)")
     elif failed:
         line += f"; the {failed} failed trial(s) stay failed (--retry-errored runs them again)"
     elif retry_errored:

@@ -104,6 +104,11 @@ def test_failed_trials_run_again_from_their_checkpoint_under_resume_retry_errore
     assert "--resume --name retry --storage" in err and "--retry-errored runs the failed " \
         "trials again from their last checkpoint" in err
 
+    # Tune starts re-queued trials whatever the searcher's concurrency limit; the plan says so.
+    assert run.resume_plan(store, True, 1).endswith(
+        f"the {len(failed)} failed trial(s) run again from their last checkpoint, as CPUs/GPUs "
+        "free up (--max-concurrent 1 holds back new configurations, not these)")
+
     fault.unlink()  # what made them fail is fixed
     out = io.StringIO()
     again = ["--storage", str(tmp_path), "--name", "retry", "--resume", "--retry-errored"]
