@@ -1,4 +1,4 @@
-"""`python -m fmnist.train`'s flags and checks, without Keras.
+"""`python -m fmnist.train`'s flags and checks, without Keras, and the `fmnist-train` command.
 
 Everything a user can get wrong here (a flag's value, the Keras backend, the data, the `--save`
 and `--resume` folders) is checked by `prepare` before `fmnist.train` imports Keras, whose
@@ -86,10 +86,8 @@ class Prepared:
     resume: str | None
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m fmnist.train", description="Train one config on Fashion-MNIST."
-    )
+def parser(prog: str = "python -m fmnist.train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train one config on Fashion-MNIST.")
     p.add_argument("--data-dir", help="folder with the four IDX files")
     p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or mnist")
     p.add_argument("--train-size", type=int, help="class-balanced subset of the train split")
@@ -101,9 +99,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare(argv: list[str]) -> Prepared | int:
+def prepare(argv: list[str], prog: str = "python -m fmnist.train") -> Prepared | int:
     """Parse and check `argv` and read the data; an exit code (2) after one `error:` line."""
-    args = parser().parse_args(argv)  # argparse's own mistakes: usage and exit code 2
+    args = parser(prog).parse_args(argv)  # argparse's own mistakes: usage and exit code 2
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
               if getattr(args, f.name) is not None}
     try:
@@ -118,3 +116,13 @@ def prepare(argv: list[str]) -> Prepared | int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return Prepared(cfg, data, args.save, args.resume)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `fmnist-train` command: `python -m fmnist.train`, checked before Keras is imported."""
+    prepared = prepare(sys.argv[1:] if argv is None else argv, prog="fmnist-train")
+    if isinstance(prepared, int):
+        return prepared
+    from fmnist.train import run_prepared  # Keras (and TensorFlow's start-up lines) from here
+
+    return run_prepared(prepared)

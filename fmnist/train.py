@@ -366,10 +366,5 @@ def run_prepared(prepared: Prepared) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    prepared = prepare(sys.argv[1:] if argv is None else argv)
-    return prepared if isinstance(prepared, int) else run_prepared(prepared)
-
-
 if __name__ == "__main__":
     sys.exit(run_prepared(_PREPARED))

@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -363,3 +364,18 @@ def test_cli_bad_input_is_one_line_before_training(tiny_data_dir, tmp_path, flag
     assert "epoch " not in out.stdout  # nothing trained
     # checked before Keras is imported, so TensorFlow's start-up lines do not come first
     assert out.stderr.strip().splitlines() == [f"error: {message}"], out.stderr[-2000:]
+
+
+def test_the_installed_fmnist_train_command_checks_flags_before_keras(tiny_data_dir, tmp_path):
+    # pyproject's console script: the same checks as `python -m fmnist.train`, before the
+    # Keras import (it imported fmnist.train, and with it Keras, first: 3 s and TensorFlow's
+    # start-up lines before the error).
+    command = Path(sys.executable).parent / "fmnist-train"
+    assert command.is_file(), f"{command} missing: install the project (make test does)"
+    out = subprocess.run([str(command), "--data-dir", str(tiny_data_dir), "--model", "gpt"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "error: model must be one of mlp, cnn, vgg, resnet"], out.stderr[-2000:]
+    usage = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: fmnist-train ")
