@@ -38,7 +38,9 @@ rung are judged at it again against the few results reported since; the median r
 results to take a median of until trials report again. `ResumableASHA` and `ResumableMedian`
 fill their state again from the validation accuracies on record (`OnRecord`: search/run.py
 reads them from the experiment's epochs before Tune restores it), so a resumed search stops
-what the search would have stopped.
+what the search would have stopped. A trial back from an earlier checkpoint (a retry, or a
+resume) reports some epochs again; Ray's median rule would count each twice in the trial's
+running mean, `ResumableMedian` keeps the new result only.
 """
 
 from __future__ import annotations
@@ -229,3 +231,19 @@ class ResumableMedian(MedianStoppingRule):
         if scores and not self._results.get(trial):
             self._results[trial] = [{self._time_attr: epoch, self._metric: score}
                                     for epoch, score in sorted(scores.items())]
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        self._rewind(trial, result)
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
+        self._rewind(trial, result)
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def _rewind(self, trial: Trial, result: dict) -> None:
+        """A trial back from an earlier checkpoint (a retry; a resume of one killed between a
+        result and its checkpoint) reports epochs again: they replace the results it had for
+        them, which Ray's rule would count twice in its running mean and best."""
+        time, past = result.get(self._time_attr), self._results.get(trial)
+        if time is not None and past and past[-1].get(self._time_attr, -math.inf) >= time:
+            self._results[trial] = [r for r in past if r.get(self._time_attr, -math.inf) < time]

@@ -803,6 +803,15 @@ def test_the_median_rule_after_a_resume_compares_with_the_epochs_on_record(monke
     # d's best by epoch 2 (its epoch 1 on record, 0.35 now) is below a's and b's 0.85
     assert sched.on_trial_result(_NoneWaiting(), trials["d"], _result(2, 0.35)) == "STOP"
 
+    # d, killed after its epoch-2 result and before that epoch's checkpoint, runs epoch 2 again
+    # from epoch 1's: 0.9 replaces the 0.3 on record. Counted twice, d's running mean at epoch 2
+    # would be 0.5 and the median of a's and d's 0.7, which e's 0.72 passes; it is 0.75.
+    monkeypatch.setattr(OnRecord, "scores", {"a": {1: 0.9, 2: 0.9}, "d": {1: 0.3, 2: 0.3}})
+    sched, trials = restored()
+    assert sched.on_trial_result(_NoneWaiting(), trials["d"], _result(2, 0.9)) == "CONTINUE"
+    assert sched.on_trial_result(_NoneWaiting(), trials["e"], _result(1, 0.72)) == "CONTINUE"
+    assert sched.on_trial_result(_NoneWaiting(), trials["e"], _result(2, 0.72)) == "STOP"
+
 
 @pytest.mark.parametrize("searcher", ["random", "optuna", "tpe-rungs"])
 def test_asha_promote_pauses_at_rungs_and_resumes_the_best(ray_session, tiny_data_dir,
