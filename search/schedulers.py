@@ -39,8 +39,10 @@ results to take a median of until trials report again. `ResumableASHA` and `Resu
 fill their state again from the validation accuracies on record (`OnRecord`: search/run.py
 reads them from the experiment's epochs before Tune restores it), so a resumed search stops
 what the search would have stopped. A trial back from an earlier checkpoint (a retry, or a
-resume) reports some epochs again; Ray's median rule would count each twice in the trial's
-running mean, `ResumableMedian` keeps the new result only.
+resume) reports some epochs again, and Tune hands a trial the rule stops its last result a
+second time (`on_trial_complete`); Ray's median rule counts each such epoch twice in the
+trial's running mean, `ResumableMedian` keeps the latest result only (so a search that is not
+resumed differs from Ray's too: a stopped trial's last epoch weighs once, not twice).
 """
 
 from __future__ import annotations
@@ -241,9 +243,10 @@ class ResumableMedian(MedianStoppingRule):
         super().on_trial_complete(tune_controller, trial, result)
 
     def _rewind(self, trial: Trial, result: dict) -> None:
-        """A trial back from an earlier checkpoint (a retry; a resume of one killed between a
-        result and its checkpoint) reports epochs again: they replace the results it had for
-        them, which Ray's rule would count twice in its running mean and best."""
+        """An epoch reported again (a trial back from an earlier checkpoint: a retry, a resume
+        of one killed between a result and its checkpoint; the last result of a trial this
+        rule stopped, which Tune hands to `on_trial_complete` as well) replaces the results
+        the trial had from it on: Ray's rule would count it twice in the running mean."""
         time, past = result.get(self._time_attr), self._results.get(trial)
         if time is not None and past and past[-1].get(self._time_attr, -math.inf) >= time:
             self._results[trial] = [r for r in past if r.get(self._time_attr, -math.inf) < time]

@@ -813,6 +813,25 @@ def test_the_median_rule_after_a_resume_compares_with_the_epochs_on_record(monke
     assert sched.on_trial_result(_NoneWaiting(), trials["e"], _result(2, 0.72)) == "STOP"
 
 
+def test_the_median_rule_weighs_a_stopped_trials_last_epoch_once(monkeypatch):
+    from search.schedulers import OnRecord, ResumableMedian
+
+    monkeypatch.setattr(OnRecord, "scores", {})
+    # Tune hands a trial the rule stopped its last result again (on_trial_complete): Ray's rule
+    # counted it twice, c's running mean at epoch 2 would be 0.233 and the median of a's 0.65
+    # and c's 0.442, which x's best 0.46 passes; it is 0.3, the median 0.475.
+    sched = ResumableMedian(time_attr="training_iteration", metric="val_accuracy", mode="max",
+                            grace_period=1, min_samples_required=1)
+    trials = _given_trials(sched, "acx")
+    for trial, epoch, acc, decision in (("a", 1, 0.4, "CONTINUE"), ("a", 2, 0.9, "CONTINUE"),
+                                        ("c", 1, 0.5, "CONTINUE"), ("c", 2, 0.1, "STOP")):
+        assert sched.on_trial_result(_NoneWaiting(), trials[trial], _result(epoch, acc)) \
+            == decision, (trial, epoch)
+    sched.on_trial_complete(_NoneWaiting(), trials["c"], _result(2, 0.1))
+    assert sched.on_trial_result(_NoneWaiting(), trials["x"], _result(1, 0.46)) == "CONTINUE"
+    assert sched.on_trial_result(_NoneWaiting(), trials["x"], _result(2, 0.2)) == "STOP"
+
+
 @pytest.mark.parametrize("searcher", ["random", "optuna", "tpe-rungs"])
 def test_asha_promote_pauses_at_rungs_and_resumes_the_best(ray_session, tiny_data_dir,
                                                            tiny_space, tmp_path, searcher):
