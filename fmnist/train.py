@@ -135,6 +135,32 @@ def gpus_visible() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+# How each Keras backend gets its GPU build: what a "sees no GPU" error tells the user to do.
+GPU_BUILDS = {
+    "tensorflow": "pip install -e '.[gpu]', which adds tensorflow[and-cuda] and its CUDA libraries",
+    "jax": "pip install 'jax[cuda12]'",
+    "torch": "a CUDA build of PyTorch",
+}
+
+
+def backend_gpus() -> int:
+    """How many GPUs the loaded Keras backend can train on in this process."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return len(tf.config.list_physical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return len([d for d in jax.devices() if d.platform == "gpu"])
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.device_count()
+    return 0
+
+
 def build_with_precision(cfg: TrainConfig, policy: str) -> keras.Model:
     """`build_model(cfg)` with every layer under `policy`; the global policy is left as it was."""
     before = keras.config.dtype_policy()

@@ -90,6 +90,7 @@ ADDRESS_RE = re.compile(r"^(auto|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d+)$")
 # Where results may go: a local folder or a filesystem pyarrow can write to.
 STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 CONNECT_TIMEOUT_S = 10.0  # --address: how long to wait for the head to answer
+GPU_CHECK_S = 120.0  # --gpus-per-trial: how long to wait for a GPU to check (a cluster may grow)
 VERSIONED = ("tensorflow", "keras", "ray", "optuna", "hyperopt", "numpy", "pandas", "pyarrow")
 
 
@@ -597,6 +598,34 @@ def check_storage_reaches_all_nodes(args: argparse.Namespace) -> None:
         raise UsageError(problem)
 
 
+def check_trials_see_gpus(args: argparse.Namespace, out) -> None:
+    """With --gpus-per-trial, ask one worker holding a trial's GPUs whether Keras sees a GPU
+    there (`search.trainable.gpu_problem`): where it does not, every trial would fail on it,
+    each after its retries, so the search stops here instead, before anything is written.
+    A cluster that has no GPU free within GPU_CHECK_S is not waited for: the trials ask too."""
+    if args.gpus_per_trial <= 0:
+        return
+    import ray
+
+    from search.trainable import gpu_problem
+
+    check = ray.remote(num_cpus=0, num_gpus=args.gpus_per_trial, max_calls=1)(gpu_problem)
+    ref = check.remote(args.gpus_per_trial)
+    ready, _ = ray.wait([ref], timeout=GPU_CHECK_S)
+    if not ready:
+        ray.cancel(ref, force=True)
+        print(f"gpu check: no GPU free within {GPU_CHECK_S:g} s; each trial checks its own",
+              file=out or sys.stdout, flush=True)
+        return
+    try:
+        problem = ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        problem = f"--gpus-per-trial {args.gpus_per_trial:g}: a GPU worker failed: {last}"
+    if problem:
+        raise UsageError(problem)
+
+
 def make_scheduler(args: argparse.Namespace):
     from ray.tune.schedulers import FIFOScheduler
 
@@ -747,6 +776,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
         problem = unfit_trial(a, resources)
         if problem:
             raise UsageError(problem)  # before anything is written
+        check_trials_see_gpus(a, out)
         trainable = tune.with_resources(
             tune.with_parameters(trainable_cls or FMNISTTrainable, data=plan.splits.arrays(),
                                  fixed=plan.space.fixed, cpus=a.cpus_per_trial,

@@ -76,6 +76,30 @@ def _configure_gpu(fraction: float) -> None:
         pass  # already initialized in this (reused) worker: keep what it has
 
 
+def gpu_problem(gpus: float) -> str | None:
+    """Why a process Ray gave `gpus` GPUs could not train on them, or None.
+
+    A backend that sees no GPU (TensorFlow without its CUDA libraries: PyPI's plain
+    `tensorflow` on a node without a matching CUDA) trains on the CPU without a word, at a
+    hundredth of the speed, while every epoch row names the GPU Ray assigned. Asked by each
+    trial and, before a search starts, by `search/run.py` on one GPU worker.
+    """
+    if gpus <= 0:
+        return None
+    import keras
+
+    from fmnist.train import GPU_BUILDS, backend_gpus
+
+    if backend_gpus():
+        return None
+    backend = keras.backend.backend()
+    ids = ",".join(str(g) for g in ray.get_gpu_ids()) or "none"
+    return (f"--gpus-per-trial {gpus:g}: Ray gave GPU {ids} on {socket.gethostname()}, but "
+            f"Keras' {backend} backend sees no GPU there, so trials would train on the CPU; "
+            f"install the GPU build on every node ({GPU_BUILDS.get(backend, 'see its docs')}) "
+            "or leave out --gpus-per-trial")
+
+
 class FMNISTTrainable(tune.Trainable):
     """`config` holds the sampled hyperparameters; `fixed` the space's fixed values."""
 
@@ -94,6 +118,8 @@ class FMNISTTrainable(tune.Trainable):
         self._threads = max(1, int(cpus))  # TF pools as wide as the trial's CPUs, no wider
         configure_threads(self._threads, min(2, self._threads))
         _configure_gpu(gpus)
+        if problem := gpu_problem(gpus):
+            raise RuntimeError(problem)
         self._node = ray.get_runtime_context().get_node_id()
         self._node_ip = ray.util.get_node_ip_address()
         self._host = socket.gethostname()

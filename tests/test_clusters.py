@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -181,6 +182,23 @@ def test_search_on_a_multi_node_cluster(tiny_data_dir, tiny_space, tmp_path):
         assert {p.name for p in (tmp_path / "driver-files").iterdir()} == worker_ids
         assert len(epochs) == 8
         assert cluster.address in out.stdout  # the plan names the cluster it ran on
+
+        # A node whose GPU Keras cannot see (Ray's GPU here is a number: there is no CUDA):
+        # trials given it would train on the CPU, so the search stops before it starts.
+        if shutil.which("nvidia-smi") is None:  # on a GPU box Ray's GPU 0 would be a real one
+            cluster.add_node(num_cpus=0, num_gpus=1)
+            cluster.wait_for_nodes()
+            argv = search_args(tiny_data_dir, tiny_space, tmp_path, "gpu", "--address",
+                               cluster.address, "--gpus-per-trial", "1")
+            out = subprocess.run([sys.executable, "search/run.py", *argv], cwd=REPO,
+                                 capture_output=True, text=True, timeout=300, env=driver_env())
+            assert out.returncode == 2, out.stderr[-3000:]
+            assert out.stderr.strip().splitlines()[-1].startswith(
+                "error: --gpus-per-trial 1: Ray gave GPU 0 on "), out.stderr[-3000:]
+            assert "Keras' tensorflow backend sees no GPU there, so trials would train on the " \
+                "CPU; install the GPU build on every node (pip install -e '.[gpu]'" in out.stderr
+            assert "Traceback" not in out.stderr
+            assert not (tmp_path / "gpu").exists()  # nothing written
     finally:
         cluster.shutdown()
 

@@ -146,6 +146,18 @@ def test_dry_run_prints_plan_without_ray(tiny_data_dir, tmp_path):
         fixed.stdout) and "GPUs are counted" not in text
 
 
+def test_a_trial_given_a_gpu_its_backend_cannot_see_refuses_to_train_on_the_cpu():
+    from fmnist.train import backend_gpus
+    from search.trainable import gpu_problem
+
+    assert gpu_problem(0) is None  # no GPU asked for: nothing to check
+    if backend_gpus():  # a machine with a GPU TensorFlow can use
+        assert gpu_problem(0.5) is None
+    else:  # this one, CI: the trial raises this (search/run.py checks one worker first)
+        assert gpu_problem(0.5).startswith("--gpus-per-trial 0.5: Ray gave GPU none on ")
+        assert "Keras' tensorflow backend sees no GPU there" in gpu_problem(0.5)
+
+
 def test_tunes_warnings_with_nothing_to_act_on_are_dropped_and_others_kept():
     import logging
 
