@@ -80,9 +80,9 @@ def gpu_problem(gpus: float) -> str | None:
     """Why a process Ray gave `gpus` GPUs could not train on them, or None.
 
     A backend that sees no GPU (TensorFlow without its CUDA libraries: PyPI's plain
-    `tensorflow` on a node without a matching CUDA) trains on the CPU without a word, at a
-    hundredth of the speed, while every epoch row names the GPU Ray assigned. Asked by each
-    trial and, before a search starts, by `search/run.py` on one GPU worker.
+    `tensorflow` on a node without a matching CUDA) trains on the trial's CPUs without a word
+    while every epoch row names the GPU Ray assigned. Asked by each trial and, before a search
+    starts, by `search/run.py` on one GPU worker.
     """
     if gpus <= 0:
         return None
