@@ -129,10 +129,8 @@ def resolve_precision(precision: str) -> str:
 
 
 def gpus_visible() -> bool:
-    """Whether TensorFlow sees a GPU in this process."""
-    import tensorflow as tf  # device lists have no Keras API
-
-    return bool(tf.config.list_physical_devices("GPU"))
+    """Whether the Keras backend (TensorFlow, where auto precision asks) sees a GPU here."""
+    return backend_gpus() > 0
 
 
 # How each Keras backend gets its GPU build: what a "sees no GPU" error tells the user to do.
@@ -147,7 +145,7 @@ def backend_gpus() -> int:
     """How many GPUs the loaded Keras backend can train on in this process."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # device lists have no Keras API
 
         return len(tf.config.list_physical_devices("GPU"))
     if backend == "jax":
