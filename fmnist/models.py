@@ -12,8 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import keras
-from keras import layers
+from fmnist.startup import import_keras
+
+import_keras()  # before `import keras`: TensorFlow's start-up lines, filtered
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
 
 # Fashion-MNIST train-split pixel statistics (DESIGN.md). One channel: the normalization is
 # global over the single channel axis, not per pixel-column (the seeds' Normalization bug).

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
-
 if __name__ == "__main__":  # the CLI: every mistake is one line, before Keras is imported
     from fmnist.cli import prepare
 
@@ -24,6 +22,9 @@ if __name__ == "__main__":  # the CLI: every mistake is one line, before Keras i
     if isinstance(_PREPARED, int):
         sys.exit(_PREPARED)
 
+from fmnist.startup import import_keras  # noqa: E402
+
+import_keras()  # before `import keras`: TensorFlow's start-up lines, filtered
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
@@ -386,7 +387,8 @@ def run_prepared(prepared: Prepared) -> int:
         where = f" (checkpoints go to {prepared.save})" if prepared.save else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
-    print(f"params {run.model.count_params():,}, precision {run.precision}")
+    device = "GPU" if backend_gpus() else "CPU"  # a GPU build missing its CUDA libraries: CPU
+    print(f"params {run.model.count_params():,}, precision {run.precision}, on the {device}")
     return 0
 
 

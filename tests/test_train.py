@@ -289,6 +289,8 @@ def test_cli_trains_and_saves(tiny_data_dir, tmp_path):
     assert len(lines) == 2 and "val_acc" in lines[0]
     assert (tmp_path / "m" / "model.keras").is_file()
     assert "\nparams 13,002," in out.stdout  # 784*16+16, 16*16+16, 16*10+10
+    # TensorFlow 2.21's start-up lines, which TF_CPP_MIN_LOG_LEVEL no longer reaches: filtered
+    assert out.stderr == "", out.stderr[-2000:]
     # --resume takes the checkpoint's config: --epochs alone trains the third epoch of that mlp
     out = subprocess.run(
         [sys.executable, "-m", "fmnist.train", "--data-dir", str(tiny_data_dir), "--epochs", "3",
@@ -307,6 +309,22 @@ def _checkpoint(folder, epoch, **config):
     state = {"epoch": epoch, "attempt": 0, "config": TrainConfig(**config).to_dict()}
     (folder / "state.json").write_text(json.dumps(state))
     return str(folder)
+
+
+def test_start_up_lines_are_hidden_as_tf_cpp_min_log_level_says():
+    from fmnist.startup import hidden
+
+    banner = (b"WARNING: All log messages before absl::InitializeLog() is called are written to "
+              b"STDERR\n")
+    info = b"I0000 00:00:1795541036.807738   31836 port.cc:153] oneDNN custom operations are on.\n"
+    cuinit = (b"E0000 00:00:1795541039.170818   31836 cuda_platform.cc:52] failed call to cuInit: "
+              b"INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n")
+    error = b"E0000 00:00:1795541039.170818   31836 gpu_device.cc:99] Cannot dlopen libcudnn\n"
+    ours = [b"Traceback (most recent call last):\n", b"UserWarning: I0000 is not a log line\n"]
+    for level, shown in ((0, [banner, info, cuinit, error]), (1, [cuinit, error]), (2, [error]),
+                         (3, [])):
+        kept = [line for line in (banner, info, cuinit, error, *ours) if not hidden(line, level)]
+        assert kept == [*shown, *ours], level
 
 
 def test_resume_keeps_the_checkpoints_config_and_refuses_what_would_not_train(tmp_path):
