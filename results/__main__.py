@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None, out=None) -> int:
         for bad in exps.corrupt:
             print(f"warning: unreadable part file moved aside: {bad}", file=sys.stderr)
         if args.command == "leaderboard":
-            table = lb.compare(exps, args.by) if args.by else lb.leaderboard(exps.trials,
-                                                                             args.top)
+            searched = lb.searched_params(exps.experiments["space"])
+            table = (lb.compare(exps, args.by) if args.by
+                     else lb.leaderboard(exps.trials, args.top, searched))
             text = lb.format_table(table, args.format)
             print(text, end="", file=out)
             unranked_note(exps)  # on stderr: the table (csv too) stays as it was

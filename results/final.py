@@ -306,7 +306,8 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
     trials without a trial row (lb.without_trial_row); `retrain`: how long the best
     configuration was retrained (epochs_text)."""
     acct = lb.accounting(experiment, trials, epochs, all_epochs)
-    board = lb.leaderboard(trials.assign(experiment=experiment["name"]), top=10)
+    board = lb.leaderboard(trials.assign(experiment=experiment["name"]), top=10,
+                           searched=lb.searched_params([experiment.get("space")]))
     versions = json.loads(experiment.get("versions") or "{}")
     per_class = pd.DataFrame(ev.per_class()).round(4)
     by_seed = results[["trial_id", "rank", "seed", "epochs", "val_accuracy_in_search",

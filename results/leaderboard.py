@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,10 +80,23 @@ def unranked_note(pending: pd.DataFrame, several: bool) -> str:
             f"running or in a search that was killed (--resume records them): {named}")
 
 
-def varying_params(trials: pd.DataFrame) -> list[str]:
-    """params_* columns whose value differs between trials (the searched ones)."""
+def searched_params(spaces: Iterable[str | None]) -> set[str]:
+    """params_* columns the experiments sampled: the keys their spaces (JSON) give as a
+    distribution rather than a fixed value."""
+    out = set()
+    for text in spaces:
+        space = json.loads(text) if text else {}
+        out.update(PARAM_PREFIX + k for k, v in space.items() if isinstance(v, dict))
+    return out
+
+
+def varying_params(trials: pd.DataFrame, searched: Iterable[str] = ()) -> list[str]:
+    """params_* columns that were searched: those in `searched` (searched_params) and those
+    whose value differs between trials. A sampled value that came out the same in every
+    trial, or the one trial of a search, still shows which configuration ran."""
+    searched = set(searched)
     cols = [c for c in trials.columns if c.startswith(PARAM_PREFIX)]
-    return [c for c in cols if trials[c].astype(str).nunique() > 1]
+    return [c for c in cols if c in searched or trials[c].astype(str).nunique() > 1]
 
 
 def ranked(trials: pd.DataFrame) -> pd.DataFrame:
@@ -101,12 +115,13 @@ def ranked(trials: pd.DataFrame) -> pd.DataFrame:
     return scored.reset_index(drop=True)
 
 
-def leaderboard(trials: pd.DataFrame, top: int = 10) -> pd.DataFrame:
-    """Top-k table: rank, experiment, trial, family, best/last val accuracy, epochs, params."""
+def leaderboard(trials: pd.DataFrame, top: int = 10, searched: Iterable[str] = ()) -> pd.DataFrame:
+    """Top-k table: rank, experiment, trial, family, best/last val accuracy, epochs, and the
+    searched params (varying_params)."""
     if "experiment" not in trials:
         trials = trials.assign(experiment="")
     board = ranked(trials).head(top)
-    params = varying_params(trials)
+    params = varying_params(trials, searched)
     out = pd.DataFrame({
         "rank": board["rank"],
         "experiment": board["experiment"],

@@ -950,11 +950,13 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
     rows); exit code 1 if any trial failed or rows are set aside, 130 if it was interrupted."""
     import pandas as pd
 
+    from results.leaderboard import searched_params, varying_params
     from results.store import canonical_epochs, canonical_trials
 
     out = out or sys.stdout
     trials, epochs = store.read_trials(), store.read_epochs()
-    aside = store.unwritten(store.read_experiment()["created_at"])  # rows not written there
+    experiment = store.read_experiment()
+    aside = store.unwritten(experiment["created_at"])  # rows not written there
     there = aside.folder_exists()
     aside_trials = aside.read_trials() if there else trials.iloc[:0]
     aside_epochs = aside.read_epochs() if there else epochs.iloc[:0]
@@ -963,8 +965,7 @@ def report(store: ExperimentStore, wall_s: float, out=None, top: int = 10,
         epochs = canonical_epochs(pd.concat([epochs, aside_epochs]))
     ranked = trials.sort_values(["best_val_accuracy", "best_epoch"], ascending=[False, True],
                                 na_position="last").head(top)
-    sampled = [c for c in trials.columns if c.startswith("params_")
-               and trials[c].nunique(dropna=True) > 1]
+    sampled = varying_params(trials, searched_params([experiment.get("space")]))
     print(f"\nTop {len(ranked)} of {len(trials)} trials by best {METRIC} "
           f"(wall {wall_s:.0f} s, {len(epochs)} trial-epochs):", file=out)
     header = f"{'#':>2}  {'trial':<18} {'val_acc':>7} {'epoch':>5} {'ran':>3} {'status':<11} " \

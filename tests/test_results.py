@@ -40,6 +40,16 @@ def test_leaderboard_orders_by_best_accuracy(two):
     assert "model" not in board.columns  # fixed params are not "key" params
 
 
+def test_the_leaderboard_shows_the_sampled_params_of_a_one_trial_search(tmp_path):
+    # Nothing varies between the trials of a one-trial search: the space says what was sampled
+    write_synthetic(str(tmp_path), "one", trials=1, max_epochs=3, seed=1)
+    out = io.StringIO()
+    assert results_main(["leaderboard", str(tmp_path / "one"), "--format", "csv"], out=out) == 0
+    header = out.getvalue().splitlines()[0].split(",")
+    assert {"learning_rate", "dropout", "batch_size"} <= set(header)
+    assert "model" not in header  # fixed in the space
+
+
 def test_ties_share_a_rank_and_break_deterministically():
     t = pd.DataFrame({
         "trial_id": ["c", "a", "b", "d"], "family": "mlp", "status": "completed",
