@@ -88,7 +88,7 @@ class Prepared:
 
 def parser(prog: str = "python -m fmnist.train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train one config on Fashion-MNIST.")
-    p.add_argument("--data-dir", help="folder with the four IDX files")
+    p.add_argument("--data-dir", help="folder with the train IDX files")
     p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or mnist")
     p.add_argument("--train-size", type=int, help="class-balanced subset of the train split")
     p.add_argument("--val-size", type=int, default=12_000, help="validation images")

@@ -137,8 +137,9 @@ def _find_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _has_dataset(folder: Path) -> bool:
-    return all(_find_file(folder, stem) for stem in ALL_FILES)
+def _stems(split: str | None) -> list[str]:
+    """The files a split is read from; all four without one."""
+    return list(FILES[split]) if split else ALL_FILES
 
 
 def candidate_dirs(data_dir: str | os.PathLike | None, dataset: str) -> list[Path]:
@@ -171,26 +172,32 @@ def folder_problem(path: str | os.PathLike) -> str | None:
 
 
 def resolve_data_dir(
-    data_dir: str | os.PathLike | None = None, dataset: str = "fashion_mnist"
+    data_dir: str | os.PathLike | None = None, dataset: str = "fashion_mnist",
+    split: str | None = None,
 ) -> Path | None:
-    """Return the folder holding the four IDX files, or None when only a download could help.
+    """Return the folder holding `split`'s two IDX files (all four without a split), or None
+    when only a download could help.
 
-    An explicit folder (argument or FMNIST_DATA_DIR) that lacks the files is an error: the user
-    asked for it, so silently reading other data would be wrong.
+    A search needs the train files only, so a folder without the test pair serves it (the
+    test set can be kept elsewhere until the final evaluation). An explicit folder (argument or
+    FMNIST_DATA_DIR) that lacks the files is an error: the user asked for it, so silently
+    reading other data would be wrong.
     """
     check_dataset_name(dataset)
+    stems = _stems(split)
     explicit = data_dir or os.environ.get("FMNIST_DATA_DIR")
     if explicit:
         folder = Path(explicit).expanduser()
         named = "" if data_dir else " (from FMNIST_DATA_DIR)"  # else it is a mystery folder
         if not folder.is_dir():
             raise DataError(f"data dir {folder}{named} does not exist")
-        missing = [s for s in ALL_FILES if not _find_file(folder, s)]
+        missing = [s for s in stems if not _find_file(folder, s)]
         if missing:
-            raise DataError(f"data dir {folder}{named} lacks {', '.join(missing)} (.gz or raw)")
+            raise DataError(f"data dir {folder}{named} lacks {', '.join(missing)} (.gz or raw)"
+                            + (f", which the {split} split is read from" if split else ""))
         return folder
     for folder in candidate_dirs(None, dataset):
-        if _has_dataset(folder):
+        if all(_find_file(folder, stem) for stem in stems):
             return folder
     return None
 
@@ -200,11 +207,11 @@ def check_dataset_name(dataset: str) -> None:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(CLASS_NAMES)}")
 
 
-def _keras_download(dataset: str, searched: list[Path]) -> dict[str, np.ndarray]:
+def _keras_download(dataset: str, searched: list[Path], split: str) -> dict[str, np.ndarray]:
     try:
-        import keras
+        from fmnist.startup import import_keras
 
-        module = getattr(keras.datasets, dataset)
+        module = getattr(import_keras().datasets, dataset)
         (x_train, y_train), (x_test, y_test) = module.load_data()
     except Exception as exc:  # network errors come in many types
         places = "\n  ".join(str(p) for p in searched)
@@ -213,7 +220,7 @@ def _keras_download(dataset: str, searched: list[Path]) -> dict[str, np.ndarray]
                    if dataset == "fashion_mnist" else "")
         raise DataError(
             f"{dataset} not found. Looked in:\n  {places}\n  and a Keras download ({exc}).\n"
-            f"Get the data with {package}the four IDX files ({', '.join(ALL_FILES)}, .gz or "
+            f"Get the data with {package}the IDX files ({', '.join(_stems(split))}, .gz or "
             "raw) in a folder passed as --data-dir or FMNIST_DATA_DIR."
         ) from None
     return {
@@ -265,9 +272,9 @@ def load_split(
     """Load the `train` or `test` split: uint8 images (N, 28, 28), uint8 labels (N,), source."""
     if which not in FILES:
         raise ValueError(f"split must be 'train' or 'test', not {which!r}")
-    folder = resolve_data_dir(data_dir, dataset)
+    folder = resolve_data_dir(data_dir, dataset, which)
     if folder is None:
-        arrays = _keras_download(dataset, candidate_dirs(data_dir, dataset))
+        arrays = _keras_download(dataset, candidate_dirs(data_dir, dataset), which)
         images, labels = arrays[which]
         digests = {
             FILES[which][0]: hashlib.sha256(images.tobytes()).hexdigest(),

@@ -124,14 +124,18 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
         print(f"note: {lb.unranked_note(pending, False)}; final chooses among the others",
               file=out, flush=True)
 
-    from fmnist.data import load_test
+    from fmnist.data import DataError, load_test
 
     location = data_dir or experiment["data_location"]
     splits = experiment_splits(experiment, data_dir)
     if splits.source.fingerprint != experiment["dataset_fingerprint"]:
         raise FinalError(f"the data at {location} is not the data the search used "
                          "(fingerprint differs)")
-    x_test, y_test, _ = load_test(location, experiment["dataset"])
+    try:
+        x_test, y_test, _ = load_test(location, experiment["dataset"])
+    except DataError as exc:  # a search needs no test files; this is where they must be
+        raise FinalError(f"{exc}; --data-dir names a folder with all four files (the train "
+                         "pair the search read and the test pair)") from None
     data = {"x_train": np.concatenate([splits.x_train, splits.x_val]),
             "y_train": np.concatenate([splits.y_train, splits.y_val]),
             "x_val": splits.x_val[:0], "y_val": splits.y_val[:0]}

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--train-size", type=int, help="class-balanced subset of the training split")
     a("--val-size", type=int, help="validation images (6,000; 12,000 with --full)")
     a("--dataset", default="fashion_mnist", help="fashion_mnist or mnist (MNIST-format folder)")
-    a("--data-dir", help="folder with the four IDX files (else FMNIST_DATA_DIR, the Debian "
+    a("--data-dir", help="folder with the train IDX files (else FMNIST_DATA_DIR, the Debian "
       "package folder, the Keras cache)")
     a("--verify-data", action="store_true",
       help="check the data files' sha256 against the known Fashion-MNIST fingerprints")
@@ -345,7 +345,7 @@ def resolve(argv: list[str]) -> Plan:
         raise UsageError(f"--grace-period {args.grace_period} exceeds --max-epochs "
                          f"{args.max_epochs}")
     check_searcher(space, args.searcher)
-    resolve_data_dir(args.data_dir, args.dataset)  # a clear error for a missing folder first
+    resolve_data_dir(args.data_dir, args.dataset, "train")  # a clear error for a missing folder
     splits = load_splits(args.data_dir, args.dataset, val_size=args.val_size,
                          train_size=args.train_size, seed=args.seed, verify=args.verify_data)
     if args.resume and splits.source.fingerprint != searched["dataset_fingerprint"]:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fmnist import data
-from fmnist.data import DataError, load_split, load_splits, read_idx, write_idx
+from fmnist.data import DataError, load_split, load_splits, load_test, read_idx, write_idx
 from tests.conftest import write_dataset
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -86,6 +86,26 @@ def test_missing_explicit_dir_is_an_error(tmp_path):
         load_split("train", tmp_path / "empty")
 
 
+def test_a_folder_without_the_test_files_serves_the_search_only(monkeypatch, tiny_data_dir,
+                                                                 tmp_path):
+    # The test pair can be kept away from a search: it reads the train files alone
+    train_only = tmp_path / "train-only"
+    train_only.mkdir()
+    for path in tiny_data_dir.iterdir():
+        if path.name.startswith("train-"):
+            (train_only / path.name).write_bytes(path.read_bytes())
+    splits = load_splits(train_only, val_size=100, train_size=200)
+    assert len(splits.y_train) == 200 and splits.source.location == str(train_only)
+    with pytest.raises(DataError, match=r"lacks t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+                                        r"\(.gz or raw\), which the test split is read from$"):
+        load_test(train_only)
+    # found without being named, too: the system folder holding the train files only
+    monkeypatch.delenv("FMNIST_DATA_DIR", raising=False)
+    monkeypatch.setitem(data.SYSTEM_DIRS, "fashion_mnist", train_only)
+    assert data.resolve_data_dir(None, "fashion_mnist", "train") == train_only
+    assert data.resolve_data_dir(None, "fashion_mnist", "test") != train_only
+
+
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "mnist"])
 def test_nothing_found_lists_every_place(monkeypatch, tmp_path, dataset):
     # Point the system and cache folders at empty places, and make the last resort, Keras'
@@ -105,7 +125,7 @@ def test_nothing_found_lists_every_place(monkeypatch, tmp_path, dataset):
     assert message.startswith(f"{dataset} not found")
     assert str(tmp_path / "sys") in message and str(tmp_path / "cache") in message
     assert "Name or service not known" in message and "--data-dir" in message
-    assert "t10k-labels-idx1-ubyte" in message
+    assert "train-labels-idx1-ubyte" in message and "t10k" not in message  # what train needs
     # Debian packages Fashion-MNIST, not MNIST: only the first gets the apt-get hint
     assert ("apt-get install dataset-fashion-mnist" in message) == (dataset == "fashion_mnist")
 

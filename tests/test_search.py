@@ -411,10 +411,14 @@ def test_existing_experiment_needs_resume(tmp_path, tiny_data_dir, tiny_space):
 
 
 def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir, tiny_space,
-                                                      tmp_path):
+                                                      tmp_path, capsys):
     from results.__main__ import main as results_main
 
-    argv = search_args(tiny_data_dir, tiny_space, tmp_path, "final", "--num-samples", "3",
+    train_only = tmp_path / "train-only"  # a search reads no test file: it need not be there
+    train_only.mkdir()
+    for path in tiny_data_dir.glob("train-*"):
+        shutil.copy(path, train_only)
+    argv = search_args(train_only, tiny_space, tmp_path, "final", "--num-samples", "3",
                        "--max-epochs", "2")
     out = io.StringIO()
     assert run.main(argv, out=out) == 0
@@ -425,8 +429,16 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
             f"{exp} (retrains the best config, tests it once); TensorBoard: tensorboard "
             f"--logdir {exp / 'ray'}\n") in out.getvalue()
     assert list((exp / "ray").glob("*/events.out.tfevents.*"))
+    capsys.readouterr()
+    assert results_main(["final", str(exp), "--seeds", "2"], out=io.StringIO()) == 2
+    assert capsys.readouterr().err == (
+        f"error: data dir {train_only} lacks t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+        "(.gz or raw), which the test split is read from; --data-dir names a folder with all "
+        "four files (the train pair the search read and the test pair)\n")
+    assert not list(exp.glob("final*"))
     out = io.StringIO()
-    assert results_main(["final", str(tmp_path / "final"), "--seeds", "2"], out=out) == 0
+    assert results_main(["final", str(exp), "--seeds", "2", "--data-dir", str(tiny_data_dir)],
+                        out=out) == 0
     text = out.getvalue()
     assert "seed 2/2" in text and "epoch 1/" in text and "test accuracy" in text
     folder = tmp_path / "final" / "final"
@@ -458,8 +470,8 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
     # --precision retrains the other way; bfloat16 on a CPU without it says it will be slow
     other = "float32" if best["precision"] == "mixed_bfloat16" else "mixed_bfloat16"
     out = io.StringIO()
-    assert results_main(["final", str(tmp_path / "final"), "--seeds", "1", "--precision",
-                         other], out=out) == 0
+    assert results_main(["final", str(exp), "--seeds", "1", "--precision", other,
+                         "--data-dir", str(tiny_data_dir)], out=out) == 0
     second = tmp_path / "final" / "final-2"  # beside the first, which stays as it was
     assert ("final/ holds an earlier evaluation; this one goes to final-2/ (none is "
             "overwritten)") in out.getvalue()
