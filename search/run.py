@@ -896,7 +896,9 @@ def quiet_tune() -> None:
 
 
 def scores_on_record(store: ExperimentStore) -> dict[str, dict[int, float]]:
-    """Every trial's METRIC by epoch, from the experiment's canonical epochs (OnRecord's form).
+    """Every trial's METRIC by epoch, from the experiment's canonical epochs (OnRecord's form),
+    and from Tune's result.json for epochs a killed driver logged there but had not yet
+    written to Parquet (the recorder backfills those rows once the search runs).
 
     A second read of the epochs besides the recorder's own: Tune adds the trials to the
     scheduler while it restores, before it sets up the callbacks."""
@@ -906,6 +908,14 @@ def scores_on_record(store: ExperimentStore) -> dict[str, dict[int, float]]:
                                       strict=True):
         if value is not None and value == value:  # not None, not NaN
             scores.setdefault(trial_id, {})[int(epoch)] = float(value)
+    logged: dict[str, dict[int, float]] = {}
+    for trial_id, epoch, result in store.ray_results():  # in order: the last one is the latest
+        value = result.get(METRIC)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
+            logged.setdefault(trial_id, {})[epoch] = float(result[METRIC])
+    for trial_id, by_epoch in logged.items():
+        for epoch, value in by_epoch.items():
+            scores.setdefault(trial_id, {}).setdefault(epoch, value)  # Parquet's first
     return scores
 
 

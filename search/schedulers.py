@@ -37,7 +37,8 @@ the first trials to reach each rung continue whatever they score, and trials alr
 rung are judged at it again against the few results reported since; the median rule has no
 results to take a median of until trials report again. `ResumableASHA` and `ResumableMedian`
 fill their state again from the validation accuracies on record (`OnRecord`: search/run.py
-reads them from the experiment's epochs before Tune restores it), so a resumed search stops
+reads them from the experiment's epochs, and from Tune's result.json for epochs a killed
+driver had not written yet, before Tune restores it), so a resumed search stops
 what the search would have stopped. A trial back from an earlier checkpoint (a retry, or a
 resume) reports some epochs again, and Tune hands a trial the rule stops its last result a
 second time (`on_trial_complete`); Ray's median rule counts each such epoch twice in the

@@ -795,6 +795,25 @@ def test_asha_after_a_resume_judges_trials_against_the_epochs_on_record(monkeypa
     assert sched.on_trial_result(None, trials["e"], _result(3, 0.915)) == "STOP"
 
 
+def test_scores_on_record_take_the_epochs_only_tunes_log_has(tmp_path):
+    # A driver killed between a result and the recorder's next flush leaves the epoch in
+    # Tune's result.json only; the resumed schedulers' state must count it too
+    store = ExperimentStore(str(tmp_path), "e")
+    ts = pd.Timestamp.now(tz="UTC")
+    store.append_epochs({"trial_id": "a", "epoch": e, "attempt": 0, "timestamp": ts,
+                         "val_accuracy": v} for e, v in ((1, 0.5), (2, 0.6)))
+    logged = [{"trial_id": "a", "epoch": 2, "val_accuracy": 0.1},  # Parquet's 0.6 stands
+              {"trial_id": "a", "epoch": 3, "val_accuracy": 0.7},
+              {"trial_id": "b", "epoch": 1, "val_accuracy": 0.2},
+              {"trial_id": "b", "epoch": 1, "val_accuracy": 0.3},  # run again: the latest
+              {"trial_id": "b", "epoch": 2, "val_accuracy": None}]
+    folder = tmp_path / "e" / "ray" / "trial_a_b"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(
+        "".join(json.dumps(r) + "\n" for r in logged) + '{"trial_id": "b", "epo')  # torn
+    assert run.scores_on_record(store) == {"a": {1: 0.5, 2: 0.6, 3: 0.7}, "b": {1: 0.3}}
+
+
 class _NoneWaiting:
     """What the median rule asks Tune's controller when it has too few results to compare
     with: which trials wait to run (none here, so it lets the trial go on)."""
