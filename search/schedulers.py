@@ -20,8 +20,13 @@ Paused trials count as live for a concurrency limit (`--max-concurrent`), which 
 block new configs forever, so run.py refuses the two together; the trial's resources set how
 many run at once.
 
-A `--resume`d search starts with empty rungs: trials that were paused resume and are judged
-again at their next rung (some repeated work, nothing lost).
+A `--resume`d search fills the rungs again from the epochs on record (`OnRecord`, below): each
+trial's score at each rung it reached, promoted from those it went past. Tune brings every
+unfinished trial back as pending, which it would start as soon as a worker is free; a trial
+whose last epoch on record is a rung it was not promoted from, and whose checkpoint Tune
+knows is of that epoch, waited there, and waits again (paused) until it is promoted. One
+killed just after its promotion, before its next epoch, is judged again at that rung; one
+Tune restores from an older checkpoint is judged when it reports the rung's epoch again.
 
 Hyperband. Ray Tune does not save a scheduler with the experiment: `--resume` builds a new one
 and adds every trial of the experiment to it, finished ones included. Ray's
@@ -88,6 +93,27 @@ class PromotingASHA(FIFOScheduler):
         self._mode = self._mode or mode
         return True
 
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        """On a `--resume`: the trial's place at each rung again (see the module docstring)."""
+        scores = OnRecord.scores.get(trial.trial_id)
+        if not scores:
+            return
+        tid, last = trial.trial_id, max(scores)
+        for rung in self.rungs:
+            if rung in scores:
+                self._recorded[rung].setdefault(tid, self._score({self._metric: scores[rung]}))
+                if last > rung:
+                    self._promoted[rung].add(tid)
+        saved = trial.latest_checkpoint_result  # what Tune would restore it from
+        at = saved.metrics.get(self._time_attr) if saved is not None else None
+        if (last in self._recorded and at == last
+                and trial.status in (Trial.PENDING, Trial.PAUSED)):
+            # Tune files the trial under its status after this call: paused, it waits for a
+            # promotion instead of starting as a new config would. (From an older checkpoint,
+            # or none, it runs and is judged when it reports the rung's epoch again.)
+            trial.set_status(Trial.PAUSED)
+            self._paused_at[tid] = last
+
     # ---------------------------------------------------------------- decisions
 
     def _score(self, result: dict[str, Any]) -> float:
@@ -116,7 +142,9 @@ class PromotingASHA(FIFOScheduler):
             return TrialScheduler.STOP
         tid = trial.trial_id
         self._chosen.discard(tid)
-        if t in self._recorded and tid not in self._recorded[t]:
+        if t in self._recorded and tid not in self._promoted[t]:
+            # New at the rung, or back at it after a --resume from an older checkpoint: judged
+            # with its latest score. (Promoted from it, a retry re-reporting it goes on.)
             self._recorded[t][tid] = self._score(result)
             if self.promotable(t, tid):
                 self._promoted[t].add(tid)

@@ -764,6 +764,66 @@ def _given_trials(sched: Any, ids: str) -> dict[str, Any]:
     return trials
 
 
+class _Controller:
+    """What PromotingASHA asks Tune's controller: the trials, whether the searcher is done,
+    and to stop a trial (recorded here)."""
+
+    def __init__(self, trials: list, searched: bool):
+        self.trials, self.stopped = trials, []
+        self.search_alg = type("Searcher", (), {"is_finished": lambda _: searched})()
+
+    def get_trials(self) -> list:
+        return self.trials
+
+    def stop_trial(self, trial) -> None:
+        self.stopped.append(trial.trial_id)
+
+
+def test_asha_promote_after_a_resume_keeps_waiting_trials_waiting(monkeypatch, tmp_path):
+    # Tune brings every unfinished trial back pending, which it would start at once: those
+    # that waited at a rung must wait again, and the rungs hold what was recorded there.
+    from ray.train import Checkpoint
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.experiment import Trial
+
+    from search.schedulers import OnRecord, PromotingASHA
+
+    monkeypatch.setattr(OnRecord, "scores", {
+        "a": {e: 0.9 + e / 100 for e in range(1, 10)},  # completed
+        "b": {1: 0.5},  # stopped at rung 1
+        "c": {1: 0.6},  # waited at rung 1
+        "d": {1: 0.8, 2: 0.81},  # promoted, killed in epoch 3
+        "e": {1: 0.85, 2: 0.9, 3: 0.95},  # waited at rung 3
+        "f": {1: 0.7}})  # at rung 1 after Tune's last saved state: back from no checkpoint
+    sched = PromotingASHA(max_t=9, rungs=[1, 3], reduction_factor=3, metric="val_accuracy",
+                          mode="max")
+    trials = {t: Trial("FMNISTTrainable", config={}, trial_id=t, stub=True) for t in "abcdefg"}
+    for tid, trial in trials.items():
+        trial.set_status(Trial.TERMINATED if tid in "ab" else Trial.PENDING)
+        scores = OnRecord.scores.get(tid, {})
+        if scores and tid != "f":  # the checkpoint Tune knows: of the last epoch on record
+            trial._restore_checkpoint_result = _TrainingResult(
+                Checkpoint(str(tmp_path)), {"training_iteration": max(scores)})
+        sched.on_trial_add(None, trial)
+    status = {tid: t.status for tid, t in trials.items()}
+    assert status == {"a": "TERMINATED", "b": "TERMINATED", "c": "PAUSED", "d": "PENDING",
+                      "e": "PAUSED", "f": "PENDING", "g": "PENDING"}  # g: not started
+    # rung 1: a to f with a, d, e promoted from it; rung 3: a (promoted) and e
+    assert not any(sched.promotable(1, t, finishing=True) for t in "abcdef")
+    assert [sched.promotable(3, t, finishing=True) for t in "ae"] == [False, True]
+    controller = _Controller(list(trials.values()), searched=False)
+    assert sched.choose_trial_to_run(controller).trial_id == "d"  # running when killed: goes on
+    # f reports epoch 1 again (0.65 now): judged with it, below the top third (a, d, e, ...)
+    assert sched.on_trial_result(None, trials["f"], _result(1, 0.65)) == "PAUSE"
+    trials["f"].set_status(Trial.PAUSED)
+    for tid in "dg":
+        trials[tid].set_status(Trial.TERMINATED)
+    controller = _Controller(list(trials.values()), searched=True)
+    assert sched.choose_trial_to_run(controller).trial_id == "e"  # the best at rung 3
+    trials["e"].set_status(Trial.TERMINATED)
+    assert sched.choose_trial_to_run(controller) is None and controller.stopped == ["c", "f"]
+
+
 def _result(epoch: int, acc: float) -> dict[str, float]:
     return {"training_iteration": epoch, "val_accuracy": acc}
 
