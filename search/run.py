@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -883,15 +884,27 @@ NOT_NEWS = {
 }
 
 
+# After a --resume Tune's restored state can list checkpoints a trial had already deleted
+# (it keeps 2) after Tune last saved that state; deleting them again logs an ERROR with a
+# FileNotFoundError traceback at the trial's next checkpoint (checked: a kill then --resume,
+# the trial went on and finished, its last 2 checkpoints on disk).
+DELETED_ALREADY = ("ray.tune.execution.tune_controller", "_delete_fs_path")
+
+
 def _not_news(record: logging.LogRecord) -> bool:
-    """False for a warning of NOT_NEWS."""
+    """False for a warning of NOT_NEWS, and for DELETED_ALREADY's error."""
+    if record.name == DELETED_ALREADY[0]:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, FileNotFoundError) and any(
+            frame.name == DELETED_ALREADY[1] for frame in traceback.extract_tb(exc.__traceback__)))
     start = NOT_NEWS.get(record.name)
     return start is None or not record.getMessage().startswith(start)
 
 
 def quiet_tune() -> None:
-    """Drop NOT_NEWS's warnings (at their loggers, so before any handler sees them)."""
-    for name in NOT_NEWS:
+    """Drop NOT_NEWS's warnings and DELETED_ALREADY's error (at their loggers, so before any
+    handler sees them)."""
+    for name in (*NOT_NEWS, DELETED_ALREADY[0]):
         logging.getLogger(name).addFilter(_not_news)  # added once however often called
 
 

@@ -158,7 +158,7 @@ def test_a_trial_given_a_gpu_its_backend_cannot_see_refuses_to_train_on_the_cpu(
         assert "Keras' tensorflow backend sees no GPU there" in gpu_problem(0.5)
 
 
-def test_tunes_warnings_with_nothing_to_act_on_are_dropped_and_others_kept():
+def test_tunes_warnings_with_nothing_to_act_on_are_dropped_and_others_kept(tmp_path):
     import logging
 
     from ray.tune.analysis import experiment_analysis
@@ -183,6 +183,26 @@ def test_tunes_warnings_with_nothing_to_act_on_are_dropped_and_others_kept():
             module.logger.removeHandler(handler)
         assert seen == ["Error downloading /r/t/result.json"]
         assert module.logger.filters.count(run._not_news) == 1
+    # Tune's error for a checkpoint deleted before a --resume: dropped; other errors kept
+    import pyarrow.fs as pafs
+    from ray.train._internal.storage import _delete_fs_path
+    from ray.tune.execution import tune_controller
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    tune_controller.logger.addHandler(handler)
+    try:
+        for gone in (lambda: _delete_fs_path(pafs.LocalFileSystem(), str(tmp_path / "gone")),
+                     lambda: open(tmp_path / "gone")):
+            try:
+                gone()
+            except FileNotFoundError:
+                tune_controller.logger.exception("Trial %s: Error handling checkpoint %s",
+                                                 "T_1", "checkpoint_000000")
+    finally:
+        tune_controller.logger.removeHandler(handler)
+    assert seen == ["Trial T_1: Error handling checkpoint checkpoint_000000"]  # the open's
 
 
 @pytest.mark.parametrize("max_t,factor", [(3, 3), (4, 3), (9, 3), (30, 3), (50, 3), (2, 3),
