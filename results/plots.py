@@ -107,13 +107,14 @@ def edge_flags(trials: pd.DataFrame, space: dict[str, Any], top: int | None = No
 
     The best `top` trials (default: 10% of them, at least 3) are placed in [0, 1] along each
     numeric range (in log space for log-scaled ones); if all lie in the lowest or highest 15%,
-    the range probably cuts off the optimum and should move that way.
+    the range probably cuts off the optimum and should move that way. Fewer than 3 ranked
+    trials flag nothing: one or two sit at an edge by chance too often to say so.
     """
     best = ranked(trials.assign(experiment=trials.get("experiment", "")))
     k = top or max(3, math.ceil(0.1 * len(best)))
     best = best.head(k)
     flags = {}
-    if len(best) == 0:
+    if len(best) < 3:
         return flags
     for key, spec in space.items():
         bounds, col = _range(spec), PARAM_PREFIX + key

@@ -123,6 +123,10 @@ def test_boundary_flagging(tmp_path):
     space = json.loads(edge.experiments["space"].iloc[0])
     assert plots.edge_flags(edge.trials, space) == {"learning_rate": "high"}
     assert "learning_rate" not in plots.edge_flags(inside.trials, space)
+    # the best two of the edge experiment alone sit at the edge too, but two say nothing
+    two_best = lb.ranked(edge.trials).head(2)
+    assert plots.edge_flags(two_best, space, top=2) == {}
+    assert plots.edge_flags(lb.ranked(edge.trials).head(3), space) == {"learning_rate": "high"}
 
 
 def test_each_plot_is_written_with_its_data(two, tmp_path):
