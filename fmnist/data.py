@@ -373,16 +373,21 @@ def load_splits(
     depend on `train_size`); `train_size` then takes a class-balanced subset of the rest.
     """
     x, y, source = load_split("train", data_dir, dataset, verify=verify)
-    if val_size < 1 or val_size >= len(y):
-        raise DataError(f"val_size must be between 1 and {len(y) - 1}, got {val_size}")
+    # Fewer images than classes would leave classes out of a split that is meant to hold them
+    # in proportion (a model trained on 5 images of 5 classes scored 0 on the other 5).
+    classes = len(np.unique(y))
+    if val_size < classes or val_size > len(y) - classes:
+        raise DataError(f"val_size must be between {classes} (one image of each class) and "
+                        f"{len(y) - classes}, got {val_size}")
     val_idx = stratified_indices(y, val_size, seed)
     rest = len(y) - val_size
     if train_size is None:
         train_idx = np.setdiff1d(np.arange(len(y)), val_idx)
     else:
-        if train_size < 1 or train_size > rest:
-            raise DataError(f"train_size must be between 1 and {rest} (the {len(y)} training "
-                            f"images less val_size {val_size}), got {train_size}")
+        if train_size < classes or train_size > rest:
+            raise DataError(f"train_size must be between {classes} (one image of each class) "
+                            f"and {rest} (the {len(y)} training images less val_size "
+                            f"{val_size}), got {train_size}")
         train_idx = stratified_indices(y, train_size, seed + 1, exclude=val_idx)
     return Splits(
         x_train=x[train_idx],

@@ -187,3 +187,11 @@ def test_subsets_are_balanced_and_keep_validation(tiny_data_dir):
     assert counts.sum() == 73 and counts.max() - counts.min() <= 1
     with pytest.raises(DataError, match="train_size must be between"):
         load_splits(tiny_data_dir, val_size=100, train_size=10_000)
+    # every class in each split: no fewer images than classes
+    with pytest.raises(DataError, match=r"^train_size must be between 10 \(one image of each "
+                                        r"class\) and 500 .*, got 9$"):
+        load_splits(tiny_data_dir, val_size=100, train_size=9)
+    with pytest.raises(DataError, match=r"^val_size must be between 10 .* and 590, got 5$"):
+        load_splits(tiny_data_dir, val_size=5)
+    smallest = load_splits(tiny_data_dir, val_size=10, train_size=10)
+    assert sorted(smallest.y_train) == sorted(smallest.y_val) == list(range(10))

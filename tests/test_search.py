@@ -297,7 +297,9 @@ def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
         (["--storage", "/proc/fmnist-runs"], "cannot create folders in /"),
         (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1"),
         (["--set", "seed=-1"], "seed must be between 0 and 4294967295"),
-        (["--val-size", "599"], "(the 600 training images less val_size 599)"),
+        (["--val-size", "590"], "(the 600 training images less val_size 590)"),
+        (["--val-size", "599"], "val_size must be between 10 (one image of each class) and 590"),
+        (["--train-size", "9"], "train_size must be between 10 (one image of each class) and"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
         (["--retry-errored"], "--retry-errored runs an experiment's failed trials again: it "
          "goes with --resume --name NAME"),
