@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
         for bad in exps.corrupt:
             print(f"warning: unreadable part file moved aside: {bad}", file=sys.stderr)
         if args.command == "leaderboard":
-            searched = lb.searched_params(exps.experiments["space"])
+            searched = lb.searched_params(exps.experiments.get("space", []))
             table = (lb.compare(exps, args.by) if args.by
                      else lb.leaderboard(exps.trials, args.top, searched))
             text = lb.format_table(table, args.format)

@@ -85,7 +85,7 @@ def searched_params(spaces: Iterable[str | None]) -> set[str]:
     distribution rather than a fixed value."""
     out = set()
     for text in spaces:
-        space = json.loads(text) if text else {}
+        space = json.loads(text) if isinstance(text, str) and text else {}
         out.update(PARAM_PREFIX + k for k, v in space.items() if isinstance(v, dict))
     return out
 
