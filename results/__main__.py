@@ -31,13 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "evaluation from stored experiments (no Ray needed).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     board = sub.add_parser("leaderboard", help="top-k trials, or a comparison of experiments")
-    board.add_argument("runs", nargs="+", help="experiment folders or URIs")
+    board.add_argument("runs", nargs="+", help="experiment folders or URIs, or a folder of "
+                       "experiments (runs/)")
     board.add_argument("--top", type=int, default=10, help="rows to show (10)")
     board.add_argument("--by", choices=sorted(lb.BY), help="compare experiments by this")
     board.add_argument("--format", choices=("text", "md", "csv"), default="text")
     board.add_argument("--out", help="also write the table to this file")
     plot = sub.add_parser("plots", help="learning, anytime, hyperparameter, scheduler plots")
-    plot.add_argument("runs", nargs="+", help="experiment folders or URIs")
+    plot.add_argument("runs", nargs="+", help="experiment folders or URIs, or a folder of "
+                      "experiments (runs/)")
     plot.add_argument("--out", required=True, help="folder for the PNG files")
     plot.add_argument("--top", type=int, default=5, help="trials in the learning curves (5)")
     final = sub.add_parser("final", help="retrain the best config on train+validation and "

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from results.store import PARAM_PREFIX, open_experiment
+from results.store import EXPERIMENT_FILE, PARAM_PREFIX, open_experiment
 
 FINISHED = ("completed", "stopped", "budget", "interrupted", "abandoned")
 BY = {"space": "space_name", "searcher": "searcher", "scheduler": "scheduler"}
@@ -29,11 +30,25 @@ class Experiments:
     corrupt: list[str]  # part files that could not be read (moved aside)
 
 
+def expand_roots(paths: list[str]) -> list[str]:
+    """Each path, or for a local folder that is not an experiment but holds some (`runs/`,
+    the search's --storage), the experiments in it, by name."""
+    out = []
+    for path in paths:
+        folder = Path(path).expanduser() if "://" not in path else None
+        inside = (sorted(str(c) for c in folder.iterdir() if (c / EXPERIMENT_FILE).is_file())
+                  if folder is not None and folder.is_dir()
+                  and not (folder / EXPERIMENT_FILE).exists() else [])
+        out += inside or [path]
+    return out
+
+
 def load(paths: list[str]) -> Experiments:
-    """Read experiment folders or URIs; raises StoreError for one that is not an experiment."""
+    """Read experiment folders or URIs (a folder of experiments stands for all of them:
+    expand_roots); raises StoreError for one that is not an experiment."""
     exps, trials, epochs, corrupt = [], [], [], []
     seen: set[str] = set()
-    for path in paths:
+    for path in expand_roots(paths):
         store = open_experiment(path)
         if store.uri() in seen:  # the same experiment named twice (a shell glob, a slip)
             continue

@@ -86,6 +86,18 @@ def test_store_dedups_re_reported_epochs(tmp_path):
     assert view["val_accuracy"].tolist() == [0.5, 0.65]
 
 
+def test_a_folder_of_experiments_stands_for_all_of_them(two):
+    root, _, _ = two
+    (root / "plots").mkdir()  # not an experiment: passed over
+    out = io.StringIO()
+    assert results_main(["leaderboard", str(root), "--by", "searcher", "--format", "csv"],
+                        out=out) == 0
+    table = pd.read_csv(io.StringIO(out.getvalue()))
+    assert sorted(table["searcher"]) == ["optuna", "random"] and table["experiments"].sum() == 2
+    # the same experiments named twice, once through the folder: read once
+    assert len(lb.load([str(root), str(root / "exp-a")]).experiments) == 2
+
+
 def test_compare_two_experiments_by_searcher(two):
     root, _, _ = two
     exps = lb.load([str(root / "exp-a"), str(root / "exp-b")])
@@ -337,8 +349,9 @@ def test_the_same_experiment_named_twice_is_read_once(two):
 def test_cli_on_a_folder_that_is_not_an_experiment(tmp_path):
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "experiment.parquet").write_bytes(b"")  # a copy cut short
+    (tmp_path / "empty").mkdir()  # (tmp_path holds an experiment: leaderboard reads it)
     for command in ("leaderboard", "final"):
-        for path, what in ((tmp_path, "is not an experiment (no experiment.parquet)"),
+        for path, what in ((tmp_path / "empty", "is not an experiment (no experiment.parquet)"),
                            (tmp_path / "typo", "does not exist"),
                            (tmp_path / "cut", "is damaged (")):
             out = subprocess.run([sys.executable, "-m", "results", command, str(path)],
