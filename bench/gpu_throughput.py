@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up")
     parser.add_argument("--train-size", type=int, default=48_000)
     parser.add_argument("--val-size", type=int, default=12_000)
-    parser.add_argument("--data-dir", help="folder with the four IDX files")
+    parser.add_argument("--data-dir", help="folder with the train IDX files")
     parser.add_argument("--precision", choices=("float32", "mixed_bfloat16"), default="float32",
                         help="the models' dtype policy (default float32, what auto gives on JAX)")
     parser.add_argument("--allow-cpu", action="store_true",
