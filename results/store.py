@@ -145,6 +145,29 @@ def _owner_note() -> str:
                        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
 
 
+def _lock_holder(path: Path, name: str | None = None) -> str | None:
+    """Who holds the search lock at `path` (named `name` in the message, else its own path):
+    a live process, or None. A lock left by a process gone from this machine is no one's; one
+    from another machine cannot be checked from here, so it counts. A lock still being written
+    (empty, at most 5 s old) counts as its maker's; one torn by a kill is no one's."""
+    try:
+        text = path.read_text()
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return None
+    try:
+        who = json.loads(text)
+        pid, host = int(who["pid"]), str(who["host"])
+        owner = _owner_text(who)
+    except (ValueError, KeyError, TypeError):
+        return "a search starting now (its lock is being written)" if not text and age < 5 \
+            else None
+    if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+        return None
+    where = path.with_name(name) if name else path
+    return f"{owner}; if no search of it runs there, delete {where}"
+
+
 def _owner_text(who: dict[str, Any]) -> str:
     return f"process {who['pid']} on {who['host']}, since {who['since']}"
 
@@ -281,15 +304,7 @@ class ExperimentStore:
         (no lock is kept there)."""
         if not _is_local(self.fs):
             return None
-        try:  # none, or torn by a kill as it was written: no one's
-            who = json.loads(Path(self.path, SEARCH_LOCK).read_text())
-            pid, host = int(who["pid"]), str(who["host"])
-            text = _owner_text(who)
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
-            return None
-        return f"{text}; if no search of it runs there, delete {Path(self.path, SEARCH_LOCK)}"
+        return _lock_holder(Path(self.path, SEARCH_LOCK))
 
     def lock_search(self) -> None:
         """Hold SEARCH_LOCK for this process (created exclusively), taking over one nobody
@@ -302,9 +317,19 @@ class ExperimentStore:
                 return
             if holder := self.search_holder():
                 raise StoreError(f"{self.uri()} is being searched now by {holder}")
-            with contextlib.suppress(FileNotFoundError):  # only one taker can move it
-                os.rename(path, f"{path}.stale-{os.getpid()}")
-                os.remove(f"{path}.stale-{os.getpid()}")
+            moved = f"{path}.stale-{os.getpid()}"
+            try:  # only one taker can move it
+                os.rename(path, moved)
+            except FileNotFoundError:
+                continue
+            if holder := _lock_holder(Path(moved), SEARCH_LOCK):
+                # Not the lock looked at: another taker's, made since. Put it back (unless a
+                # third made one meanwhile) and stand aside.
+                with contextlib.suppress(OSError):
+                    os.link(moved, path)
+                os.remove(moved)
+                raise StoreError(f"{self.uri()} is being searched now by {holder}")
+            os.remove(moved)
         raise StoreError(f"{self.uri()}: could not take {SEARCH_LOCK} (others keep taking it)")
 
     def unlock_search(self) -> None:

@@ -3,6 +3,7 @@
 import gzip
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -318,3 +319,22 @@ def test_a_search_lock_counts_only_while_its_process_lives(tmp_path):
         store.lock_search()
     store.unlock_search()  # not this process's: left alone
     assert lock.exists()
+    # Two takers of a stale lock: this one looked while it was stale, the other took it over
+    # since. Moving the other's live lock away, it sees so, puts it back and stands aside.
+    held = lock.read_text()
+    looked = store.search_holder
+    store.search_holder = lambda: None
+    try:
+        with pytest.raises(StoreError, match="is being searched now by process 1 on elsewhere"):
+            store.lock_search()
+    finally:
+        store.search_holder = looked
+    assert lock.read_text() == held and not list(lock.parent.glob("*.stale-*"))
+    # A lock being written (empty, fresh) is its maker's; one left empty by a kill is no one's
+    lock.write_text("")
+    assert store.search_holder() == "a search starting now (its lock is being written)"
+    os.utime(lock, (time.time() - 10, time.time() - 10))
+    assert store.search_holder() is None
+    store.lock_search()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    store.unlock_search()
