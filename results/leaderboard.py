@@ -35,10 +35,14 @@ def expand_roots(paths: list[str]) -> list[str]:
     the search's --storage), the experiments in it, by name."""
     out = []
     for path in paths:
-        folder = Path(path).expanduser() if "://" not in path else None
-        inside = (sorted(str(c) for c in folder.iterdir() if (c / EXPERIMENT_FILE).is_file())
-                  if folder is not None and folder.is_dir()
-                  and not (folder / EXPERIMENT_FILE).exists() else [])
+        folder, inside = Path(path).expanduser(), []
+        try:
+            if ("://" not in path and folder.is_dir()
+                    and not (folder / EXPERIMENT_FILE).exists()):
+                inside = sorted(str(c) for c in folder.iterdir()
+                                if (c / EXPERIMENT_FILE).is_file())
+        except OSError:  # unreadable: reading it as an experiment says why
+            inside = []
         out += inside or [path]
     return out
 
