@@ -60,6 +60,8 @@ KNOWN_SHA256_PREFIX = {
     }
 }
 
+KERAS_DOWNLOAD = "keras.datasets download"  # a Source's location when Keras downloaded it
+
 # Default validation split, as in the notebooks: 48,000 train / 12,000 validation.
 DEFAULT_VAL_SIZE = 12_000
 
@@ -262,6 +264,17 @@ class Source:
         joined = "".join(f"{k}:{v};" for k, v in sorted(self.sha256.items()))
         return hashlib.sha256(joined.encode()).hexdigest()
 
+    @property
+    def published(self) -> bool | None:
+        """Whether every file is the published one (KNOWN_SHA256_PREFIX); None where that
+        cannot be told (no known digests, or arrays from a Keras download, hashed without
+        their IDX headers)."""
+        known = KNOWN_SHA256_PREFIX.get(self.dataset)
+        if not known or self.location == KERAS_DOWNLOAD:
+            return None
+        return all(stem in known and digest.startswith(known[stem])
+                   for stem, digest in self.sha256.items())
+
 
 def load_split(
     which: str,
@@ -280,7 +293,7 @@ def load_split(
             FILES[which][0]: hashlib.sha256(images.tobytes()).hexdigest(),
             FILES[which][1]: hashlib.sha256(labels.tobytes()).hexdigest(),
         }
-        return images, labels, Source(dataset, "keras.datasets download", digests)
+        return images, labels, Source(dataset, KERAS_DOWNLOAD, digests)
     img_stem, lbl_stem = FILES[which]
     img_path, lbl_path = _find_file(folder, img_stem), _find_file(folder, lbl_stem)
     raw_images, raw_labels = _read_bytes(img_path), _read_bytes(lbl_path)

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--top", type=int, default=1, help="evaluate the best K configurations")
     final.add_argument("--seeds", type=int, default=3, help="retraining seeds (3)")
     final.add_argument("--data-dir", help="where the data is now, if it moved since the search")
+    final.add_argument("--test-dir", help="folder with the test pair, if not the data folder")
     final.add_argument("--precision", default="recorded", choices=("recorded", *PRECISIONS),
                        help="retrain with what the search recorded (default), or with this")
     return p
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
 
             try:
                 run_final(args.run, args.trial, args.top, args.seeds, args.data_dir, out=out,
-                          argv=argv, precision=args.precision)
+                          argv=argv, precision=args.precision, test_dir=args.test_dir)
             except FinalError as exc:
                 raise UsageError(str(exc)) from None
             return 0

@@ -110,9 +110,11 @@ def slow_precision_note(cfg) -> str | None:
 
 def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int = 3,
               data_dir: str | None = None, out=None, argv: list[str] | None = None,
-              precision: str = "recorded") -> dict[str, Any]:
+              precision: str = "recorded", test_dir: str | None = None) -> dict[str, Any]:
     """Retrain, test, and write final/ (final.parquet, model.keras, report.md, PNGs); where
-    final/ holds an earlier evaluation, final-2/ (then final-3/, ...)."""
+    final/ holds an earlier evaluation, final-2/ (then final-3/, ...). The train files come
+    from `data_dir` (else where the search read them), the test pair from `test_dir` (else
+    the same folder)."""
     out = out or sys.stdout
     store = open_experiment(path)
     experiment = store.read_experiment()  # StoreError: missing, not an experiment, damaged
@@ -132,10 +134,11 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
         raise FinalError(f"the data at {location} is not the data the search used "
                          "(fingerprint differs)")
     try:
-        x_test, y_test, _ = load_test(location, experiment["dataset"])
+        x_test, y_test, test_source = load_test(test_dir or location, experiment["dataset"])
     except DataError as exc:  # a search needs no test files; this is where they must be
-        raise FinalError(f"{exc}; --data-dir names a folder with all four files (the train "
-                         "pair the search read and the test pair)") from None
+        if test_dir:
+            raise FinalError(f"--test-dir: {exc}") from None
+        raise FinalError(f"{exc}; --test-dir names the folder that holds the test pair") from None
     data = {"x_train": np.concatenate([splits.x_train, splits.x_val]),
             "y_train": np.concatenate([splits.y_train, splits.y_val]),
             "x_val": splits.x_val[:0], "y_val": splits.y_val[:0]}
@@ -182,6 +185,8 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
                              "test_accuracy": ev.accuracy, "train_time_s": train_s,
                              "train_images": len(data["y_train"]), "test_images": len(y_test),
                              "precision": run.precision,
+                             "test_location": test_source.location,
+                             "test_fingerprint": test_source.fingerprint,
                              "config": json.dumps(cfg.to_dict(), default=list)})
                 if saved is None:  # the first seed of the best configuration is the one kept
                     run.model.save(final_dir / "model.keras")
@@ -205,7 +210,7 @@ def run_final(path: str, trial_id: str | None = None, top: int = 1, seeds: int =
         flags = drawn["hyperparameters.png"]["flags"]
         summary = summarize(results)
         report = render_report(experiment, trials, epochs, all_epochs, results, summary, ev,
-                               trial, flags, argv or [], folder, pending, retrain)
+                               trial, flags, argv or [], folder, pending, retrain, test_source)
         (final_dir / "report.md").write_text(report)
     print(f"test accuracy {accuracy_text(summary)}; report: {store.uri(folder, 'report.md')}",
           file=out, flush=True)
@@ -304,7 +309,7 @@ def write_figures(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
 def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame,
                   all_epochs: pd.DataFrame, results: pd.DataFrame, summary: dict[str, Any], ev,
                   trial: pd.Series, flags: dict[str, str], argv: list[str], folder: str,
-                  pending: pd.DataFrame, retrain: str) -> str:
+                  pending: pd.DataFrame, retrain: str, test_source=None) -> str:
     """report.md: leaderboard, plots, final figures, accounting, provenance. `epochs`: the
     canonical view, `all_epochs`: every row (epochs run again included). `pending`: the
     trials without a trial row (lb.without_trial_row); `retrain`: how long the best
@@ -397,6 +402,7 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
         f"- dataset {experiment['dataset']} at {experiment['data_location']}, fingerprint "
         f"`{experiment['dataset_fingerprint']}`, split train {experiment['train_size']} / "
         f"val {experiment['val_size']} (seed {experiment['split_seed']})",
+        *([test_set_line(test_source)] if test_source is not None else []),
         f"- git commit `{experiment.get('git_commit', 'unknown')}`",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
         f"- written {datetime.now(UTC).isoformat(timespec='seconds')} on "
@@ -404,6 +410,16 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
         "",
     ]
     return "\n".join(lines)
+
+
+def test_set_line(source) -> str:
+    """The report's provenance line for the test set: where, its fingerprint, and whether its
+    files are the published ones (fmnist.data.Source.published)."""
+    line = f"- test set at {source.location}, fingerprint `{source.fingerprint}`"
+    if source.published is not None:
+        line += (f" ({'' if source.published else '**not** '}the published {source.dataset} "
+                 "test files)")
+    return line
 
 
 def _cmd(argv: list[str]) -> str:

@@ -106,6 +106,16 @@ def test_a_folder_without_the_test_files_serves_the_search_only(monkeypatch, tin
     assert data.resolve_data_dir(None, "fashion_mnist", "test") != train_only
 
 
+def test_a_source_tells_the_published_files_from_others():
+    published = {"t10k-images-idx3-ubyte": "5b4141f0" + "0" * 56,
+                 "t10k-labels-idx1-ubyte": "0402a96d" + "0" * 56}
+    assert data.Source("fashion_mnist", "/d", published).published is True
+    changed = {**published, "t10k-labels-idx1-ubyte": "1" * 64}
+    assert data.Source("fashion_mnist", "/d", changed).published is False
+    assert data.Source("mnist", "/d", published).published is None  # no digests known
+    assert data.Source("fashion_mnist", data.KERAS_DOWNLOAD, published).published is None
+
+
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "mnist"])
 def test_nothing_found_lists_every_place(monkeypatch, tmp_path, dataset):
     # Point the system and cache folders at empty places, and make the last resort, Keras'

@@ -455,11 +455,11 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
     assert results_main(["final", str(exp), "--seeds", "2"], out=io.StringIO()) == 2
     assert capsys.readouterr().err == (
         f"error: data dir {train_only} lacks t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
-        "(.gz or raw), which the test split is read from; --data-dir names a folder with all "
-        "four files (the train pair the search read and the test pair)\n")
+        "(.gz or raw), which the test split is read from; --test-dir names the folder that "
+        "holds the test pair\n")
     assert not list(exp.glob("final*"))
     out = io.StringIO()
-    assert results_main(["final", str(exp), "--seeds", "2", "--data-dir", str(tiny_data_dir)],
+    assert results_main(["final", str(exp), "--seeds", "2", "--test-dir", str(tiny_data_dir)],
                         out=out) == 0
     text = out.getvalue()
     assert "seed 2/2" in text and "epoch 1/" in text and "test accuracy" in text
@@ -475,6 +475,9 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
     assert (final["test_images"] == 200).all() and (final["train_images"] == 300).all()
     assert final["test_accuracy"].between(0, 1).all()
     assert set(final["precision"]) == {best["precision"]}  # retrained as the search trained it
+    tested = load_test(tiny_data_dir)[2]  # which test set it was: recorded with each row
+    assert set(final["test_location"]) == {str(tiny_data_dir)}
+    assert set(final["test_fingerprint"]) == {tested.fingerprint}
     per_class = pq.read_table(folder / "per_class.parquet").to_pandas()
     assert len(per_class) == 10 and per_class["support"].sum() == 200
     import keras
@@ -483,7 +486,9 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
     assert model.output_shape == (None, 10)
     report = (folder / "report.md").read_text()
     for needle in ("Test accuracy", "![confusion matrix](confusion_matrix.png)",
-                   "trial-epochs run", "fingerprint", "search/run.py", "-m results final"):
+                   "trial-epochs run", "fingerprint", "search/run.py", "-m results final",
+                   f"- test set at {tiny_data_dir}, fingerprint `{tested.fingerprint}` "
+                   "(**not** the published fashion_mnist test files)\n"):  # tiny data
         assert needle in report, needle
     acc = final["test_accuracy"]  # the spread reported is the seeds' sample deviation
     spread = f"{acc.mean():.4f} +- {acc.std(ddof=1):.4f}"
