@@ -402,7 +402,7 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
         f"- dataset {experiment['dataset']} at {experiment['data_location']}, fingerprint "
         f"`{experiment['dataset_fingerprint']}`, split train {experiment['train_size']} / "
         f"val {experiment['val_size']} (seed {experiment['split_seed']})",
-        *([test_set_line(test_source)] if test_source is not None else []),
+        *([provenance_of_test_set(test_source)] if test_source is not None else []),
         f"- git commit `{experiment.get('git_commit', 'unknown')}`",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
         f"- written {datetime.now(UTC).isoformat(timespec='seconds')} on "
@@ -412,7 +412,7 @@ def render_report(experiment: dict[str, Any], trials: pd.DataFrame, epochs: pd.D
     return "\n".join(lines)
 
 
-def test_set_line(source) -> str:
+def provenance_of_test_set(source) -> str:
     """The report's provenance line for the test set: where, its fingerprint, and whether its
     files are the published ones (fmnist.data.Source.published)."""
     line = f"- test set at {source.location}, fingerprint `{source.fingerprint}`"
