@@ -927,8 +927,7 @@ def scores_on_record(store: ExperimentStore) -> dict[str, dict[int, float]]:
         if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
             logged.setdefault(trial_id, {})[epoch] = float(result[METRIC])
     for trial_id, by_epoch in logged.items():
-        for epoch, value in by_epoch.items():
-            scores.setdefault(trial_id, {}).setdefault(epoch, value)  # Parquet's first
+        scores[trial_id] = {**by_epoch, **scores.get(trial_id, {})}  # Parquet's first
     return scores
 
 

@@ -86,9 +86,10 @@ def gpu_problem(gpus: float) -> str | None:
     """
     if gpus <= 0:
         return None
-    import keras
-
+    from fmnist.startup import import_keras
     from fmnist.train import GPU_BUILDS, backend_gpus
+
+    keras = import_keras()  # TensorFlow's start-up lines filtered, as in trials
 
     if backend_gpus():
         return None
