@@ -717,6 +717,13 @@ def experiment_row(plan: Plan, resources: dict[str, Any]) -> dict[str, Any]:
 
 PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
 
+# Ray Tune's output engine prints, even with verbose=0, a "Configuration for experiment" box
+# (searcher and scheduler class names) and a TensorBoard command for a copy of the results
+# under /tmp/ray that is removed with the session; the plan above says more, and the closing
+# lines name the TensorBoard folder that stays. Its older engine (which Tune uses with a Ray
+# Client anyway) prints nothing at verbose=0. A value set in the environment is kept.
+OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+
 
 def pending_limit(args: argparse.Namespace, resources: dict[str, Any]) -> int | None:
     """How many trials Tune may queue ahead of the running ones; None leaves Tune's own choice.
@@ -767,7 +774,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     from search.trainable import FMNISTTrainable
 
     a = plan.args
-    limit = None
+    limit, own_output = None, False
     started_here, locked = start_ray(a), False
     try:
         check_storage_reaches_all_nodes(a)
@@ -832,6 +839,9 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
         limit = pending_limit(a, resources)
         if limit is not None:  # read once, when Tune's controller starts (inside fit)
             os.environ[PENDING_ENV] = str(limit)
+        own_output = OUTPUT_ENV not in os.environ
+        if own_output:  # read inside fit
+            os.environ[OUTPUT_ENV] = "0"
         start = time.monotonic()
         handlers, tune_failed = _stop_handlers(), False
         try:
@@ -852,6 +862,8 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     finally:
         if limit is not None:
             os.environ.pop(PENDING_ENV, None)
+        if own_output:
+            os.environ.pop(OUTPUT_ENV, None)
         ParquetRecorder.relocated_to = None
         OnRecord.scores = {}
         if locked:

@@ -68,12 +68,15 @@ def test_parquet_columns_and_types(ray_session, tiny_data_dir, tiny_space, tmp_p
                                    monkeypatch):
     stops = (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)
     before = {sig: signal.getsignal(sig) for sig in stops}
+    env_before = {k: os.environ.get(k) for k in (run.OUTPUT_ENV, run.PENDING_ENV)}
     out = io.StringIO()
     code = run.main(search_args(tiny_data_dir, tiny_space, tmp_path, "types", "--num-samples",
                                 "2", "--scheduler", "fifo"), out=out)
     assert code == 0
-    # Tune's and the recorder's handlers are gone: the caller's next Ctrl+C is its own.
+    # Tune's and the recorder's handlers are gone: the caller's next Ctrl+C is its own; the
+    # variables set for Tune during the search are as they were.
     assert {sig: signal.getsignal(sig) for sig in stops} == before
+    assert {k: os.environ.get(k) for k in env_before} == env_before
     folder = tmp_path / "types"
     exp = pq.read_table(folder / "experiment.parquet")
     assert exp.num_rows == 1
@@ -269,6 +272,11 @@ def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
     # token authentication, Ray's default for a local cluster, set without Ray's warning
     assert "Token authentication" not in out.stderr, out.stderr[-2000:]
     assert len(ExperimentStore(str(tmp_path), "lean").read_epochs()) == 1  # it did train
+    # Tune's box of class names and its TensorBoard command for a copy under /tmp/ray are not
+    # printed; the closing lines name the TensorBoard folder that stays.
+    assert "Configuration for experiment" not in out.stdout, out.stdout[-2000:]
+    assert "/tmp/ray" not in out.stdout + out.stderr
+    assert f"tensorboard --logdir {tmp_path / 'lean' / 'ray'}" in out.stdout
 
 
 @pytest.mark.parametrize(
