@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -551,17 +552,28 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
                          "head running there? `ray start --head` prints its address") from exc
 
 
+def worker_env(args: argparse.Namespace, driver_env: Mapping[str, str]) -> dict[str, str]:
+    """The variables Ray sets in the trials' workers.
+
+    Their PYTHONPATH is this checkout, then the driver's own entries: a Keras backend or a
+    package installed there (PYTHONPATH=... python search/run.py) is one the driver's checks
+    found, so the trials must find it too (Ray's runtime environment replaces the variable).
+    """
+    path = [str(ROOT), *(p for p in driver_env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
+    if args.gpus_per_trial and args.gpus_per_trial < 1:  # JAX: share GPUs like TF's limit
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 * args.gpus_per_trial:.3f}"
+    return env
+
+
 def start_ray(args: argparse.Namespace) -> bool:
     """Connect to --address or start an embedded Ray; True if this process started it."""
     import ray
 
     if ray.is_initialized():
         return False
-    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
-    if args.gpus_per_trial and args.gpus_per_trial < 1:  # JAX: share GPUs like TF's limit
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 * args.gpus_per_trial:.3f}"
-    common = dict(runtime_env={"env_vars": env}, log_to_driver=False,
+    common = dict(runtime_env={"env_vars": worker_env(args, os.environ)}, log_to_driver=False,
                   logging_level="WARNING", configure_logging=True)
     if args.address:
         check_reachable(args.address)

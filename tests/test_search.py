@@ -716,6 +716,22 @@ def test_pending_limit_is_the_number_of_trials_that_fit(tiny_data_dir, tiny_spac
     assert run.pending_limit(args, resources) is None
 
 
+def test_workers_get_this_checkout_and_the_drivers_pythonpath(tiny_data_dir, tiny_space,
+                                                              tmp_path):
+    # A backend installed on PYTHONPATH passes the driver's check, so the trials must see it
+    # too: Ray's runtime environment replaced the variable with the checkout alone, and every
+    # trial failed with "No module named 'jax'" (seen with KERAS_BACKEND=jax).
+    args = run.build_parser().parse_args(search_args(tiny_data_dir, tiny_space, tmp_path, "x"))
+    root, extra = str(run.ROOT), str(tmp_path / "site")
+    assert run.worker_env(args, {})["PYTHONPATH"] == root
+    env = run.worker_env(args, {"PYTHONPATH": os.pathsep.join([extra, "", root, extra])})
+    assert env["PYTHONPATH"] == os.pathsep.join([root, extra])  # once each, checkout first
+    assert env["TF_CPP_MIN_LOG_LEVEL"] == "2" and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env
+    shared = run.build_parser().parse_args(
+        search_args(tiny_data_dir, tiny_space, tmp_path, "x", "--gpus-per-trial", "0.25"))
+    assert run.worker_env(shared, {})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
+
+
 @pytest.mark.parametrize("flags, resources, problem", [
     ([], {"CPU": 2.0}, None),
     (["--cpus-per-trial", "2"], {"CPU": 2.0}, None),
