@@ -5,13 +5,15 @@ what TensorFlow 2.21 logs while it loads: absl prints those lines before TensorF
 variable (`WARNING: All log messages before absl::InitializeLog() is called ...`, oneDNN,
 "Could not find cuda drivers", twice), and a machine without a GPU gets `E0000 ...
 cuda_platform.cc] failed call to cuInit` when the GPUs are first listed. `import_keras` loads
-Keras and lists the GPUs with stderr caught, then writes back every line but those the
+Keras and lists the GPUs with stderr caught (under JAX or PyTorch it loads TensorFlow, where
+installed, as Keras does at a run's first seed), then writes back every line but those the
 variable would have hidden, so Python warnings, tracebacks and real errors still show.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import sys
@@ -86,4 +88,8 @@ def import_keras() -> ModuleType:
             import tensorflow as tf
 
             tf.config.list_physical_devices("GPU")  # where cuInit speaks; threads stay unset
+        elif importlib.util.find_spec("tensorflow") is not None:
+            # Under another backend Keras still loads TensorFlow where it is installed
+            # (`keras.utils.set_random_seed` seeds it too), later and with the lines shown.
+            import tensorflow  # noqa: F401
     return keras
