@@ -71,11 +71,12 @@ def pair(args: argparse.Namespace, folder: Path, tag: str, seed: int) -> dict:
     """One ASHA run and one FIFO run with the same searcher seed; their figures."""
     runs = {}
     for key, scheduler in (("asha", args.asha), ("fifo", "fifo")):
+        factor = ["--reduction-factor", str(args.reduction_factor)] if key == "asha" else []
         runs[key] = search(
             folder, f"{scheduler}-{tag}", "--space", "cnn", "--scheduler", scheduler,
             "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
-            "--reduction-factor", str(args.reduction_factor), "--seed", str(seed),
-            "--cpus-per-trial", "1", *size_flags(args), "--time-budget", "3600")
+            *factor, "--seed", str(seed), "--cpus-per-trial", "1", *size_flags(args),
+            "--time-budget", "3600")
     best = {k: float(r["epochs"]["val_accuracy"].max()) for k, r in runs.items()}
     target = target_for(list(best.values()), args.target)
     ttt = {k: time_to_target(r["raw"], r["start"], target) for k, r in runs.items()}

@@ -80,6 +80,10 @@ ASHAS = ("asha", "asha-promote")  # the schedulers with rungs at grace x factor^
 PAUSING = {"asha-promote": "no new config starts while they wait",
            "hyperband": "its brackets never fill and it stops no trial"}
 SEARCHERS = ("random", "optuna", "hyperopt", "tpe-rungs", "grid")
+# Scheduler flags and the schedulers that read them: given for another, a flag would be
+# recorded with the experiment and change nothing.
+SCHEDULER_FLAGS = {"grace_period": ("asha", "asha-promote", "median"),
+                   "reduction_factor": ("asha", "asha-promote", "hyperband")}
 # The default run finishes on a laptop CPU in about 15 minutes; --full is the real study.
 # Measured here: 8 VGG samples at 4 epochs on 12k+12k images hit the 14-min budget with two
 # trials never started; 6k+6k images and 3 epochs let ASHA compare all 8.
@@ -222,15 +226,20 @@ def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
 
 
+def typed_flags(argv: list[str]) -> dict[str, Any]:
+    """The flags on the command line (abbreviated or not), without argparse's defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
 def changed_on_resume(argv: list[str], saved: dict[str, Any]) -> list[str]:
     """The flags given with --resume whose values differ from the experiment's own, as text.
 
     Ray Tune restores the search as it was saved, so such a flag could not take effect.
     """
-    parser = build_parser()
-    for action in parser._actions:  # parse only what was typed: no defaults
-        action.default = argparse.SUPPRESS
-    given = vars(parser.parse_args(argv))
+    given = typed_flags(argv)
     changed = []
     for key, value in given.items():
         if key in NOT_SETTINGS or key not in saved or key in ("verify_data", "data_dir"):
@@ -302,6 +311,13 @@ def resolve(argv: list[str]) -> Plan:
             setattr(args, key, value)
     if args.scheduler not in SCHEDULERS:
         raise UsageError(f"--scheduler {args.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if not args.resume:  # a resumed experiment keeps what it was started with
+        for key in sorted(typed_flags(argv).keys() & SCHEDULER_FLAGS.keys()):
+            readers = SCHEDULER_FLAGS[key]
+            if args.scheduler not in readers:
+                raise UsageError(f"--{key.replace('_', '-')} is read by --scheduler "
+                                 f"{', '.join(readers[:-1])} and {readers[-1]}, not "
+                                 f"{args.scheduler}: leave it out")
     if args.searcher not in SEARCHERS:
         raise UsageError(f"--searcher {args.searcher!r}: choose one of {', '.join(SEARCHERS)}")
     checks = [

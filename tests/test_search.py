@@ -230,6 +230,22 @@ def test_the_plans_hyperband_brackets_are_rays(max_t, factor):
     assert run.hyperband_brackets(max_t, factor) == expected
 
 
+@pytest.mark.parametrize("scheduler, flags", [
+    ("asha", ["--grace-period", "2", "--reduction-factor", "2"]),
+    ("asha-promote", ["--grace-period", "2", "--reduction-factor", "2"]),
+    ("median", ["--grace-period", "2"]),
+    ("hyperband", ["--reduction-factor", "2"]),
+])
+def test_scheduler_flags_are_taken_by_the_schedulers_that_read_them(tiny_data_dir, tmp_path,
+                                                                    scheduler, flags):
+    plan = run.resolve(["--space", "mlp", "--data-dir", str(tiny_data_dir), "--val-size", "100",
+                        "--train-size", "300",
+                        "--storage", str(tmp_path), "--max-epochs", "4", "--scheduler",
+                        scheduler, *flags])
+    assert plan.settings["reduction_factor"] == (2.0 if "--reduction-factor" in flags else 3.0)
+    assert plan.settings["grace_period"] == (2 if "--grace-period" in flags else 1)
+
+
 def test_the_plan_names_hyperband_brackets_that_end_before_max_t(tiny_data_dir):
     def plan(*flags):
         out = run_cli("--space", "cnn", "--data-dir", str(tiny_data_dir), "--val-size", "100",
@@ -315,6 +331,10 @@ def test_driver_never_imports_tensorflow(tiny_data_dir, tiny_space, tmp_path):
          "--max-concurrent cannot be used with --scheduler asha-promote"),
         (["--scheduler", "hyperband", "--max-concurrent", "2"],
          "--max-concurrent cannot be used with --scheduler hyperband"),
+        (["--scheduler", "hyperband", "--grace", "2"],  # argparse takes the abbreviation
+         "--grace-period is read by --scheduler asha, asha-promote and median, not hyperband"),
+        (["--scheduler", "fifo", "--reduction-factor=4"],
+         "--reduction-factor is read by --scheduler asha, asha-promote and hyperband, not fifo"),
         (["--address", "127.0.0.1:9", "--train-size", "200"],  # nothing listens on port 9
          "--address 127.0.0.1:9: cannot reach 127.0.0.1:9 ("),
         (["--address", "ray://127.0.0.1:9", "--train-size", "200", "--dry-run"],
