@@ -14,7 +14,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fmnist.config import RUNTIME_KEYS, ConfigError, TrainConfig, keras_backend_problem, load_yaml
+from fmnist.config import (
+    READ_ONLY_WITH,
+    RUNTIME_KEYS,
+    ConfigError,
+    TrainConfig,
+    keras_backend_problem,
+    load_yaml,
+    unread_problem,
+)
 from fmnist.data import DataError, Splits, folder_problem, load_splits
 
 
@@ -110,6 +118,11 @@ def prepare(argv: list[str], prog: str = "python -m fmnist.train") -> Prepared |
         if args.save and (problem := folder_problem(args.save)):  # before the training it'd lose
             raise DataError(f"--save {args.save}: {problem}")
         cfg = resumed_config(args.resume, values) if args.resume else TrainConfig.from_dict(values)
+        if not args.resume:
+            settled = {on: (getattr(cfg, on),) for on, _ in READ_ONLY_WITH.values()}
+            for key in values:
+                if problem := unread_problem(key, settled):
+                    raise ConfigError(f"--{key.replace('_', '-')}: {problem}; leave it out")
         data = load_splits(args.data_dir, args.dataset, val_size=args.val_size,
                            train_size=args.train_size, seed=args.split_seed)
     except (ConfigError, DataError) as exc:

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -235,6 +235,44 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Fields that only some values of another field read (fmnist.models builds each family from
+# its own fields; the optimizer and the schedule read theirs). A search that samples one of
+# them where none of those values can come up explores a dimension that changes nothing, and
+# a flag or a pin of one is recorded with the run and ignored: both are refused.
+READ_ONLY_WITH: dict[str, tuple[str, tuple[str, ...]]] = {
+    "hidden_layers": ("model", ("mlp",)),
+    "units": ("model", ("mlp",)),
+    "blocks": ("model", ("cnn", "vgg")),
+    "convs_per_block": ("model", ("vgg",)),
+    "kernel_size": ("model", ("cnn",)),
+    "base_filters": ("model", ("cnn", "vgg", "resnet")),
+    "max_filters": ("model", ("cnn", "vgg", "resnet")),
+    "stages": ("model", ("resnet",)),
+    "blocks_per_stage": ("model", ("resnet",)),
+    "dense_units": ("model", ("cnn", "vgg")),
+    "momentum": ("optimizer", ("sgd",)),
+    "nesterov": ("optimizer", ("sgd",)),
+    "step_every": ("lr_schedule", ("step",)),
+    "step_gamma": ("lr_schedule", ("step",)),
+}
+
+
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def unread_problem(key: str, possible: Mapping[str, Sequence[Any]]) -> str | None:
+    """Why `key` can change nothing when each field takes only the values in `possible`
+    (a field left out: its default), or None."""
+    if key not in READ_ONLY_WITH:
+        return None
+    on, readers = READ_ONLY_WITH[key]
+    values = list(possible.get(on, (_DEFAULTS[on],)))
+    if any(v in readers for v in values):
+        return None
+    return (f"{on} {' or '.join(map(str, values))} does not read it ({key} is for {on} "
+            f"{' or '.join(readers)})")
 
 
 # PyYAML reads YAML 1.1, where a float needs a dot: `1e-4` is the string "1e-4" there (YAML

@@ -355,10 +355,12 @@ def resolve(argv: list[str]) -> Plan:
     if problem:
         raise UsageError(f"{problem} (the trials import Keras)")
     overrides = dict(parse_override(s) for s in args.set)
-    space = load_space(args.space, overrides)
+    # A resumed experiment was checked when it started, maybe before the unread-key check.
+    space = load_space(args.space, overrides, check_read=not args.resume)
     if args.max_epochs is None:
         args.max_epochs = space.epochs if args.full else min(space.epochs, QUICK["max_epochs"])
-    space = load_space(args.space, {**overrides, "epochs": args.max_epochs})  # re-check
+    space = load_space(args.space, {**overrides, "epochs": args.max_epochs},  # re-check
+                       check_read=not args.resume)
     if args.grace_period > args.max_epochs:
         raise UsageError(f"--grace-period {args.grace_period} exceeds --max-epochs "
                          f"{args.max_epochs}")

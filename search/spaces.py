@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fmnist.config import ConfigError, TrainConfig, load_yaml
+from fmnist.config import READ_ONLY_WITH, ConfigError, TrainConfig, load_yaml, unread_problem
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 ARITY = {"choice": None, "grid": None, "uniform": 2, "loguniform": 2, "randint": 2,
@@ -124,8 +124,12 @@ def space_path(name_or_path: str) -> Path:
     return path
 
 
-def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Space:
-    """Load, check and return a space; `overrides` pin keys (`--set key=value`)."""
+def load_space(name_or_path: str, overrides: dict[str, Any] | None = None,
+               check_read: bool = True) -> Space:
+    """Load, check and return a space; `overrides` pin keys (`--set key=value`).
+
+    `check_read` refuses keys the space's model, optimizer or schedule does not read
+    (`fmnist.config.READ_ONLY_WITH`); off for an experiment searched before that check."""
     path = space_path(name_or_path)
     try:
         raw = load_yaml(path.read_text(encoding="utf-8"))
@@ -139,21 +143,23 @@ def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sp
     if not isinstance(raw, dict) or not raw:
         raise SpaceError(f"{path}: expected a mapping of TrainConfig keys to values")
     if not overrides:
-        return parse_space(raw, name=path.stem, source=str(path))
+        return parse_space(raw, name=path.stem, source=str(path), check_read=check_read)
     combined, set_keys = {**raw, **overrides}, set(overrides)
     try:
-        return parse_space(combined, name=path.stem, source=str(path), set_keys=set_keys)
+        return parse_space(combined, name=path.stem, source=str(path), set_keys=set_keys,
+                           check_read=check_read)
     except SpaceError as error:
         try:  # which is at fault: a file that is valid alone makes it the --set's doing
-            parse_space(raw, name=path.stem, source=str(path))
+            parse_space(raw, name=path.stem, source=str(path), check_read=check_read)
         except SpaceError:
             raise error from None  # the combination's error, as first reported
     return parse_space(combined, name=path.stem, source=str(path), set_keys=set_keys,
-                       file_ok=True)
+                       file_ok=True, check_read=check_read)
 
 
 def parse_space(raw: dict[str, Any], name: str, source: str,
-                set_keys: set[str] = frozenset(), file_ok: bool = False) -> Space:
+                set_keys: set[str] = frozenset(), file_ok: bool = False,
+                check_read: bool = True) -> Space:
     """A checked Space; a mistake in a key of `set_keys` is blamed on its `--set`, and so is
     one between keys when the file alone was valid (`file_ok`)."""
     known = {f.name for f in fields(TrainConfig)}
@@ -171,7 +177,31 @@ def parse_space(raw: dict[str, Any], name: str, source: str,
     if "epochs" in space.dists:
         raise SpaceError(f"{source}: epochs: must be fixed (it is the scheduler's max_t)")
     _check_values(space, set_keys, file_ok)
+    if check_read:
+        _check_read(space, set_keys, file_ok)
     return space
+
+
+def _check_read(space: Space, set_keys: set[str] = frozenset(),
+                file_ok: bool = False) -> None:
+    """Every key given must be one the space's configs can read: a sampled key that none reads
+    is a dimension the search would explore for nothing, a fixed one is recorded and ignored."""
+    possible: dict[str, tuple[Any, ...]] = {k: (v,) for k, v in space.fixed.items()}
+    for key, d in space.dists.items():
+        if d.kind in ("choice", "grid"):
+            possible[key] = d.args
+    for key in (*space.fixed, *space.dists):
+        problem = unread_problem(key, possible)
+        if problem is None:
+            continue
+        on = READ_ONLY_WITH[key][0]
+        if key in set_keys:
+            where, fix = f"--set {key}", "leave it out"
+        elif on in set_keys and file_ok:  # the file's key, left unread by a --set
+            where, fix = f"--set {on}: {space.source}: {key}", "use a space file without it"
+        else:
+            where, fix = f"{space.source}: {key}", "leave it out of the space"
+        raise SpaceError(f"{where}: {problem}; {fix}")
 
 
 def _parse_dist(where: str, value: dict[str, Any]) -> Dist:

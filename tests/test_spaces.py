@@ -118,6 +118,37 @@ def test_a_bad_override_is_blamed_on_its_set_not_the_file(tmp_path, override, ma
         load_space(str(path), dict([parse_override("units=8")]))
 
 
+def test_a_key_the_spaces_configs_never_read_is_refused(tmp_path):
+    # vgg's convolutions are 3x3, so a sampled kernel_size would be a dimension the search
+    # explores for nothing (and the leaderboard would show it as if it mattered).
+    path = tmp_path / "v.yaml"
+    path.write_text("model: vgg\nkernel_size: {choice: [3, 5]}\n")
+    with pytest.raises(SpaceError, match=rf"^{re.escape(str(path))}: kernel_size: model vgg does "
+                       r"not read it \(kernel_size is for model cnn\); leave it out of the space$"):
+        load_space(str(path))
+    assert "kernel_size" in load_space(str(path), check_read=False).dists  # a resumed search
+    path.write_text("model: resnet\ndense_units: 128\n")  # fixed ones too: recorded, ignored
+    with pytest.raises(SpaceError, match="dense_units: model resnet does not read it"):
+        load_space(str(path))
+    # the optimizer and the schedule, fixed, left out (their defaults) or sampled
+    with pytest.raises(SpaceError, match=r"^--set momentum: optimizer adam or adamw does not "
+                       r"read it \(momentum is for optimizer sgd\); leave it out$"):
+        load_space("cnn", dict([parse_override("momentum={uniform: [0.8, 0.99]}")]))
+    path.write_text("model: mlp\nstep_gamma: 0.5\n")
+    with pytest.raises(SpaceError, match="step_gamma: lr_schedule constant does not read it"):
+        load_space(str(path))
+    path.write_text("model: mlp\nlr_schedule: {choice: [cosine, step]}\n"
+                    "step_every: {choice: [2, 4]}\noptimizer: sgd\n"
+                    "nesterov: {choice: [false, true]}\n")
+    assert set(load_space(str(path)).dists) == {"lr_schedule", "step_every", "nesterov"}
+    # a --set that leaves a key of a valid file unread is named, with the key
+    with pytest.raises(SpaceError, match=r"^--set model: .*cnn.yaml: kernel_size: model vgg does "
+                       r"not read it .*; use a space file without it$"):
+        load_space("cnn", dict([parse_override("model=vgg")]))
+    for name in list_spaces():  # the shipped spaces read every key they give
+        load_space(name)
+
+
 def test_exponents_without_a_dot_are_numbers(tmp_path):
     # PyYAML (YAML 1.1) reads 1e-4 as a string; users write it, Python and YAML 1.2 read a float
     path = tmp_path / "e.yaml"

@@ -385,6 +385,10 @@ def test_resume_keeps_the_checkpoints_config_and_refuses_what_would_not_train(tm
     (["--seed", "-1"], "seed must be between 0 and 4294967295"),
     (["--precision", "half"], "precision must be one of auto, float32, mixed_bfloat16"),
     (["--model", "cnn", "--blocks", "5"], "blocks must be between 1 and 4 for 28x28 inputs, got 5"),
+    (["--kernel-size", "5"], "--kernel-size: model mlp does not read it (kernel_size is for model "
+                             "cnn); leave it out"),
+    (["--momentum", "0.5"], "--momentum: optimizer adam does not read it (momentum is for "
+                            "optimizer sgd); leave it out"),
     (["--data-dir", "{tmp}/none"], "data dir {tmp}/none does not exist"),
 ])
 def test_cli_bad_input_is_one_line_before_training(tiny_data_dir, tmp_path, flags, message):
