@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-
 def reference() -> dict:
     """seed-vgg.yaml's fixed values, and its searched ones at the geometric middle of their range.
 
@@ -89,7 +88,8 @@ def worker(args: argparse.Namespace) -> None:
 def run_group(n: int, args: argparse.Namespace) -> dict:
     """Start n workers at once; wait for all; aggregate what they measured."""
     env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / n:.3f}", "PYTHONPATH": str(ROOT)}
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / n:.3f}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     argv = [sys.executable, __file__, "--worker", "--batch-size", str(args.batch_size),
             "--epochs", str(args.epochs), "--train-size", str(args.train_size),
             "--val-size", str(args.val_size), "--precision", args.precision]
