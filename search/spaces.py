@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fmnist.config import READ_ONLY_WITH, ConfigError, TrainConfig, load_yaml, unread_problem
+from fmnist.config import (
+    READ_ONLY_WITH,
+    RUNTIME_KEYS,
+    ConfigError,
+    TrainConfig,
+    load_yaml,
+    unread_problem,
+)
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 ARITY = {"choice": None, "grid": None, "uniform": 2, "loguniform": 2, "randint": 2,
@@ -185,12 +192,17 @@ def parse_space(raw: dict[str, Any], name: str, source: str,
 def _check_read(space: Space, set_keys: set[str] = frozenset(),
                 file_ok: bool = False) -> None:
     """Every key given must be one the space's configs can read: a sampled key that none reads
-    is a dimension the search would explore for nothing, a fixed one is recorded and ignored."""
+    is a dimension the search would explore for nothing, a fixed one is recorded and ignored
+    (so is a thread count: each trial's comes from --cpus-per-trial)."""
     possible: dict[str, tuple[Any, ...]] = {k: (v,) for k, v in space.fixed.items()}
     for key, d in space.dists.items():
         if d.kind in ("choice", "grid"):
             possible[key] = d.args
     for key in (*space.fixed, *space.dists):
+        where = f"--set {key}" if key in set_keys else f"{space.source}: {key}"
+        if key in RUNTIME_KEYS:  # search.trainable sets them for each trial
+            raise SpaceError(f"{where}: a search sets each trial's threads from "
+                             "--cpus-per-trial; leave it out")
         problem = unread_problem(key, possible)
         if problem is None:
             continue

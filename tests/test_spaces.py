@@ -145,6 +145,10 @@ def test_a_key_the_spaces_configs_never_read_is_refused(tmp_path):
     with pytest.raises(SpaceError, match=r"^--set model: .*cnn.yaml: kernel_size: model vgg does "
                        r"not read it .*; use a space file without it$"):
         load_space("cnn", dict([parse_override("model=vgg")]))
+    # thread counts: each trial's come from --cpus-per-trial, whatever the space says
+    with pytest.raises(SpaceError, match=r"^--set intra_op_threads: a search sets each trial's "
+                       r"threads from --cpus-per-trial; leave it out$"):
+        load_space("cnn", dict([parse_override("intra_op_threads=4")]))
     for name in list_spaces():  # the shipped spaces read every key they give
         load_space(name)
 
