@@ -133,10 +133,8 @@ def _alive(pid: int) -> bool:
     try:
         if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
             return False
-        # a process that is not Python took the number of a search that was killed; an empty
-        # command line is a process caught inside exec (seen: 1 in 300 just after a spawn)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        return not cmdline or b"python" in cmdline
+        # a process that is not Python took the number of a search that was killed
+        return b"python" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, IndexError):  # no /proc here: it exists
         return True
 
