@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,6 +304,10 @@ def test_a_search_lock_counts_only_while_its_process_lives(tmp_path):
     assert store.search_holder() is None
     other = subprocess.Popen(["sleep", "60"])  # not Python: it took a killed search's number
     try:
+        deadline = time.monotonic() + 10  # until it runs sleep: before, it is this Python
+        while not Path(f"/proc/{other.pid}/cmdline").read_bytes().startswith(b"sleep") \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
         lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
                                     "since": "x"}))
         assert store.search_holder() is None

@@ -441,7 +441,9 @@ def test_resume_from_another_folder_with_relative_space_and_data(
         "--set units=8 (it has none), --full on (it has off) differ; start a new --name to "
         "change them"]
     # a search of it running now (here: a live process holds its lock) is not run over
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    holder = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); "
+                               "time.sleep(120)"], stdout=subprocess.PIPE)
+    holder.stdout.readline()  # running Python: caught inside exec, its command line is empty
     try:
         (runs / "rel" / ".search.json").write_text(json.dumps(
             {"pid": holder.pid, "host": socket.gethostname(), "since": "a moment ago"}))
