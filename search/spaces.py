@@ -207,12 +207,9 @@ def _check_read(space: Space, set_keys: set[str] = frozenset(),
         if problem is None:
             continue
         on = READ_ONLY_WITH[key][0]
-        if key in set_keys:
-            where, fix = f"--set {key}", "leave it out"
-        elif on in set_keys and file_ok:  # the file's key, left unread by a --set
-            where, fix = f"--set {on}: {space.source}: {key}", "use a space file without it"
-        else:
-            where, fix = f"{space.source}: {key}", "leave it out of the space"
+        fix = "leave it out" if key in set_keys else "leave it out of the space"
+        if key not in set_keys and on in set_keys and file_ok:  # unread because of a --set
+            where, fix = f"--set {on}: {where}", "use a space file without it"
         raise SpaceError(f"{where}: {problem}; {fix}")
 
 
