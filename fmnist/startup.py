@@ -84,12 +84,12 @@ def import_keras() -> ModuleType:
     with quiet_native_logs():
         import keras
 
-        if keras.backend.backend() == "tensorflow":
+        # Keras loads TensorFlow wherever it is installed, whatever the backend
+        # (`keras.utils.set_random_seed`, which every run calls, seeds it too): loaded here,
+        # its lines are filtered under JAX or PyTorch as under TensorFlow.
+        if importlib.util.find_spec("tensorflow") is not None:
             import tensorflow as tf
 
-            tf.config.list_physical_devices("GPU")  # where cuInit speaks; threads stay unset
-        elif importlib.util.find_spec("tensorflow") is not None:
-            # Under another backend Keras still loads TensorFlow where it is installed
-            # (`keras.utils.set_random_seed` seeds it too), later and with the lines shown.
-            import tensorflow  # noqa: F401
+            if keras.backend.backend() == "tensorflow":
+                tf.config.list_physical_devices("GPU")  # where cuInit speaks; threads unset
     return keras
