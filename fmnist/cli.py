@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from fmnist.config import (
-    READ_ONLY_WITH,
     RUNTIME_KEYS,
     ConfigError,
     TrainConfig,
@@ -119,7 +118,7 @@ def prepare(argv: list[str], prog: str = "python -m fmnist.train") -> Prepared |
             raise DataError(f"--save {args.save}: {problem}")
         cfg = resumed_config(args.resume, values) if args.resume else TrainConfig.from_dict(values)
         if not args.resume:
-            settled = {on: (getattr(cfg, on),) for on, _ in READ_ONLY_WITH.values()}
+            settled = {f.name: (getattr(cfg, f.name),) for f in fields(cfg)}
             for key in values:
                 if problem := unread_problem(key, settled):
                     raise ConfigError(f"--{key.replace('_', '-')}: {problem}; leave it out")

@@ -240,7 +240,8 @@ class TrainConfig:
 # Fields that only some values of another field read (fmnist.models builds each family from
 # its own fields; the optimizer and the schedule read theirs). A search that samples one of
 # them where none of those values can come up explores a dimension that changes nothing, and
-# a flag or a pin of one is recorded with the run and ignored: both are refused.
+# a flag or a pin of one is recorded with the run and ignored: both are refused. (One field
+# depends on a number: `dropout`, which vgg reads only with dense_units > 0; unread_problem.)
 READ_ONLY_WITH: dict[str, tuple[str, tuple[str, ...]]] = {
     "hidden_layers": ("model", ("mlp",)),
     "units": ("model", ("mlp",)),
@@ -262,16 +263,31 @@ READ_ONLY_WITH: dict[str, tuple[str, tuple[str, ...]]] = {
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
+def unread_deciders(key: str) -> tuple[str, ...]:
+    """The fields whose values decide whether `key` is read (`unread_problem`)."""
+    if key == "dropout":  # vgg's one dropout is in its dense layer, which dense_units 0 drops
+        return ("model", "dense_units")
+    return (READ_ONLY_WITH[key][0],) if key in READ_ONLY_WITH else ()
+
+
 def unread_problem(key: str, possible: Mapping[str, Sequence[Any]]) -> str | None:
     """Why `key` can change nothing when each field takes only the values in `possible`
     (a field left out: its default), or None."""
+    def values(field: str) -> list[Any]:
+        return list(possible.get(field, (_DEFAULTS[field],)))
+
+    if key == "dropout":  # cnn's blocks, resnet's pooled features and mlp's layers have theirs
+        if set(values("model")) == {"vgg"} and all(u == 0 for u in values("dense_units")):
+            return ("model vgg with dense_units 0 does not read it (vgg's dropout is in its "
+                    "dense layer, which dense_units 0 leaves out)")
+        return None
     if key not in READ_ONLY_WITH:
         return None
     on, readers = READ_ONLY_WITH[key]
-    values = list(possible.get(on, (_DEFAULTS[on],)))
-    if any(v in readers for v in values):
+    taken = values(on)
+    if any(v in readers for v in taken):
         return None
-    return (f"{on} {' or '.join(map(str, values))} does not read it ({key} is for {on} "
+    return (f"{on} {' or '.join(map(str, taken))} does not read it ({key} is for {on} "
             f"{' or '.join(readers)})")
 
 

@@ -21,11 +21,11 @@ import numpy as np
 import yaml
 
 from fmnist.config import (
-    READ_ONLY_WITH,
     RUNTIME_KEYS,
     ConfigError,
     TrainConfig,
     load_yaml,
+    unread_deciders,
     unread_problem,
 )
 
@@ -154,21 +154,22 @@ def load_space(name_or_path: str, overrides: dict[str, Any] | None = None,
     combined, set_keys = {**raw, **overrides}, set(overrides)
     try:
         return parse_space(combined, name=path.stem, source=str(path), set_keys=set_keys,
-                           check_read=check_read)
+                           check_read=check_read, file_keys=set(raw))
     except SpaceError as error:
         try:  # which is at fault: a file that is valid alone makes it the --set's doing
             parse_space(raw, name=path.stem, source=str(path), check_read=check_read)
         except SpaceError:
             raise error from None  # the combination's error, as first reported
     return parse_space(combined, name=path.stem, source=str(path), set_keys=set_keys,
-                       file_ok=True, check_read=check_read)
+                       file_ok=True, check_read=check_read, file_keys=set(raw))
 
 
 def parse_space(raw: dict[str, Any], name: str, source: str,
                 set_keys: set[str] = frozenset(), file_ok: bool = False,
-                check_read: bool = True) -> Space:
+                check_read: bool = True, file_keys: set[str] = frozenset()) -> Space:
     """A checked Space; a mistake in a key of `set_keys` is blamed on its `--set`, and so is
-    one between keys when the file alone was valid (`file_ok`)."""
+    one between keys when the file alone was valid (`file_ok`). `file_keys`: the keys the
+    space file gives (where `raw` is the file with the --set values on top)."""
     known = {f.name for f in fields(TrainConfig)}
     space = Space(name=name, source=source)
     for key, value in raw.items():
@@ -185,12 +186,12 @@ def parse_space(raw: dict[str, Any], name: str, source: str,
         raise SpaceError(f"{source}: epochs: must be fixed (it is the scheduler's max_t)")
     _check_values(space, set_keys, file_ok)
     if check_read:
-        _check_read(space, set_keys, file_ok)
+        _check_read(space, set_keys, file_ok, file_keys)
     return space
 
 
-def _check_read(space: Space, set_keys: set[str] = frozenset(),
-                file_ok: bool = False) -> None:
+def _check_read(space: Space, set_keys: set[str] = frozenset(), file_ok: bool = False,
+                file_keys: set[str] = frozenset()) -> None:
     """Every key given must be one the space's configs can read: a sampled key that none reads
     is a dimension the search would explore for nothing, a fixed one is recorded and ignored
     (so is a thread count: each trial's comes from --cpus-per-trial)."""
@@ -206,10 +207,12 @@ def _check_read(space: Space, set_keys: set[str] = frozenset(),
         problem = unread_problem(key, possible)
         if problem is None:
             continue
-        on = READ_ONLY_WITH[key][0]
         fix = "leave it out" if key in set_keys else "leave it out of the space"
-        if key not in set_keys and on in set_keys and file_ok:  # unread because of a --set
-            where, fix = f"--set {on}: {where}", "use a space file without it"
+        if key in set_keys and key in file_keys:  # without the --set, the file's comes back
+            fix = "the space file gives it too: use one without it"
+        by_set = [on for on in unread_deciders(key) if on in set_keys]
+        if key not in set_keys and by_set and file_ok:  # unread because of a --set
+            where, fix = f"--set {by_set[0]}: {where}", "use a space file without it"
         raise SpaceError(f"{where}: {problem}; {fix}")
 
 

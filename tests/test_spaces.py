@@ -145,6 +145,21 @@ def test_a_key_the_spaces_configs_never_read_is_refused(tmp_path):
     with pytest.raises(SpaceError, match=r"^--set model: .*cnn.yaml: kernel_size: model vgg does "
                        r"not read it .*; use a space file without it$"):
         load_space("cnn", dict([parse_override("model=vgg")]))
+    # vgg's only dropout is in its dense layer: with dense_units 0 a sampled dropout is noise
+    with pytest.raises(SpaceError, match=r"^--set dense_units: .*vgg.yaml: dropout: model vgg "
+                       r"with dense_units 0 does not read it .*; use a space file without it$"):
+        load_space("vgg", dict([parse_override("dense_units=0")]))
+    # a --set of the key itself: leaving the --set out would bring the file's back
+    with pytest.raises(SpaceError, match=r"^--set dropout: model vgg with dense_units 0 .*; the "
+                       r"space file gives it too: use one without it$"):
+        load_space("vgg", dict([parse_override("dense_units=0"), parse_override("dropout=0")]))
+    path.write_text("model: vgg\ndense_units: {choice: [0, 128]}\ndropout: 0.3\n")
+    assert load_space(str(path)).fixed["dropout"] == 0.3  # read where dense_units is 128
+    path.write_text("model: vgg\ndense_units: 0\ndropout: {uniform: [0.0, 0.5]}\n")
+    with pytest.raises(SpaceError, match=r"dropout: model vgg with dense_units 0 does not read "
+                       r"it \(vgg's dropout is in its dense layer, which dense_units 0 leaves "
+                       r"out\); leave it out of the space$"):
+        load_space(str(path))
     # thread counts: each trial's come from --cpus-per-trial, whatever the space says
     with pytest.raises(SpaceError, match=r"^--set intra_op_threads: a search sets each trial's "
                        r"threads from --cpus-per-trial; leave it out$"):

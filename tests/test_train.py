@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import fmnist.train
+from fmnist.cli import prepare
 from fmnist.data import load_splits
 from fmnist.train import LRSchedule, TrainConfig, TrainingRun, train
 from tests.conftest import REPO
@@ -386,6 +387,21 @@ def test_cli_bad_input_is_one_line_before_training(tiny_data_dir, tmp_path, flag
     assert "epoch " not in out.stdout  # nothing trained
     # checked before Keras is imported, so TensorFlow's start-up lines do not come first
     assert out.stderr.strip().splitlines() == [f"error: {message}"], out.stderr[-2000:]
+
+
+def test_a_dropout_vgg_would_not_read_is_refused_and_one_it_reads_is_taken(tiny_data_dir,
+                                                                           capsys):
+    # vgg's only dropout is in its dense layer, which --dense-units 0 leaves out
+    base = ["--data-dir", str(tiny_data_dir), "--train-size", "200", "--val-size", "100",
+            "--model", "vgg", "--dropout", "0.3"]
+    assert prepare([*base, "--dense-units", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --dropout: model vgg with dense_units 0 does not read it (vgg's dropout is in "
+        "its dense layer, which dense_units 0 leaves out); leave it out\n")
+    prepared = prepare([*base, "--dense-units", "16"])
+    assert prepared.cfg.dropout == 0.3 and prepared.cfg.dense_units == 16
+    assert prepare([*base, "--dense-units", "0", "--model", "resnet"]) == 2  # resnet: dense
+    assert "--dense-units: model resnet does not read it" in capsys.readouterr().err
 
 
 def test_the_installed_fmnist_train_command_checks_flags_before_keras(tiny_data_dir, tmp_path):
