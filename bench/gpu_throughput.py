@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -119,6 +120,18 @@ def run_group(n: int, args: argparse.Namespace) -> dict:
             "precision": results[0]["precision"]}
 
 
+def jax_platform() -> str:
+    """The platform of JAX's first device, asked in a child process (a JAX backend started in
+    this one would hold GPU memory while the workers run), before minutes of training."""
+    code = "import jax; d = jax.devices()[0]; print(d.platform, d, sep='|')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"error: cannot start JAX ({tail}); install jax (with its CUDA plugin on a GPU)")
+    return out.stdout.strip().splitlines()[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
@@ -138,12 +151,11 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    groups = []
-    for n in args.procs:
-        groups.append(run_group(n, args))
-        if groups[0]["platform"] not in ("gpu", "cuda", "rocm") and not args.allow_cpu:
-            sys.exit(f"error: JAX runs on {groups[0]['device']}, not a GPU; --allow-cpu to "
-                     "check the script anyway")
+    platform_name, device = jax_platform().split("|", 1)
+    if platform_name not in GPU_PLATFORMS and not args.allow_cpu:
+        sys.exit(f"error: JAX runs on {device}, not a GPU; --allow-cpu to check the script "
+                 "anyway")
+    groups = [run_group(n, args) for n in args.procs]
     alone = next((g["aggregate_images_per_s"] for g in groups if g["procs"] == 1), None)
     from report import emit
 
