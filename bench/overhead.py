@@ -1,13 +1,15 @@
 """Overhead of the search machinery: one fixed config N times through `search/run.py` vs N
 times through plain `fmnist.train` in one Python process.
 
-    python bench/overhead.py [--runs 3] [--epochs 12] [--train-size 12000]
+    python bench/overhead.py [--runs 3] [--epochs 16] [--train-size 12000]
 
 Both sides are whole commands timed from outside (Python start, TensorFlow import, data load
 included), both on the same split, with 2 TensorFlow threads and one run at a time. The search
-side adds Ray, Tune, one checkpoint per epoch and the Parquet recorder. With the defaults a
-run lasts about 30-40 s on this 2-core CPU (the issue's target: ratio <= 1.15 for trials of
-30 s or more). Prints one JSON line, appended to bench/results/overhead.jsonl.
+side adds Ray, Tune, one checkpoint per epoch and the Parquet recorder. The issue's target
+(ratio <= 1.15) is for trials of 30 s or more: with the defaults a plain run lasted 31-33 s on
+this 2-core CPU in bfloat16 (12 epochs lasted 27 s; in float32 they lasted 30-87 s), and the
+summary says when a plain run was shorter (`plain_runs_under_30_s`; raise --epochs). Prints
+one JSON line, appended to bench/results/overhead.jsonl.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def plain(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=16)
     add_size_args(p, train=12_000, val=3_000)
     p.add_argument("--data-dir")
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
@@ -69,6 +71,7 @@ def main() -> None:
         "train": args.train_size, "val": args.val_size,
         "plain_wall_s": round(plain_wall, 1), "search_wall_s": round(run["wall_s"], 1),
         "plain_run_s": [round(t, 1) for t in plain_runs],
+        "plain_runs_under_30_s": sum(t < 30 for t in plain_runs),
         "search_epoch_time_sum_s": round(float(run["raw"]["epoch_time_s"].sum()), 1),
         "ratio": round(run["wall_s"] / plain_wall, 3), "target": 1.15,
         "machine": platform.machine(), "cpus": os.cpu_count(), "time": time.time(),
