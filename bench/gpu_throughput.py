@@ -120,16 +120,17 @@ def run_group(n: int, args: argparse.Namespace) -> dict:
             "precision": results[0]["precision"]}
 
 
-def jax_platform() -> str:
-    """The platform of JAX's first device, asked in a child process (a JAX backend started in
-    this one would hold GPU memory while the workers run), before minutes of training."""
+def jax_platform() -> tuple[str, str]:
+    """The platform and name of JAX's first device, asked in a child process (a JAX backend
+    started in this one would hold GPU memory while the workers run), before any training."""
     code = "import jax; d = jax.devices()[0]; print(d.platform, d, sep='|')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         sys.exit(f"error: cannot start JAX ({tail}); install jax (with its CUDA plugin on a GPU)")
-    return out.stdout.strip().splitlines()[-1]
+    platform_name, device = out.stdout.strip().splitlines()[-1].split("|", 1)
+    return platform_name, device
 
 
 def main() -> None:
@@ -151,7 +152,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    platform_name, device = jax_platform().split("|", 1)
+    platform_name, device = jax_platform()
     if platform_name not in GPU_PLATFORMS and not args.allow_cpu:
         sys.exit(f"error: JAX runs on {device}, not a GPU; --allow-cpu to check the script "
                  "anyway")

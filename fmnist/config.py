@@ -240,8 +240,7 @@ class TrainConfig:
 # Fields that only some values of another field read (fmnist.models builds each family from
 # its own fields; the optimizer and the schedule read theirs). A search that samples one of
 # them where none of those values can come up explores a dimension that changes nothing, and
-# a flag or a pin of one is recorded with the run and ignored: both are refused. (One field
-# depends on a number: `dropout`, which vgg reads only with dense_units > 0; unread_problem.)
+# a flag or a pin of one is recorded with the run and ignored: both are refused.
 READ_ONLY_WITH: dict[str, tuple[str, tuple[str, ...]]] = {
     "hidden_layers": ("model", ("mlp",)),
     "units": ("model", ("mlp",)),
@@ -258,6 +257,12 @@ READ_ONLY_WITH: dict[str, tuple[str, tuple[str, ...]]] = {
     "step_every": ("lr_schedule", ("step",)),
     "step_gamma": ("lr_schedule", ("step",)),
 }
+# Fields one model reads only where a number of it is not 0 (the other models always read
+# them): field -> (model, the number, why).
+READ_ONLY_WHERE_NONZERO: dict[str, tuple[str, str, str]] = {
+    "dropout": ("vgg", "dense_units",
+                "vgg's dropout is in its dense layer, which dense_units 0 leaves out"),
+}
 
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
@@ -265,8 +270,8 @@ _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 def unread_deciders(key: str) -> tuple[str, ...]:
     """The fields whose values decide whether `key` is read (`unread_problem`)."""
-    if key == "dropout":  # vgg's one dropout is in its dense layer, which dense_units 0 drops
-        return ("model", "dense_units")
+    if key in READ_ONLY_WHERE_NONZERO:
+        return ("model", READ_ONLY_WHERE_NONZERO[key][1])
     return (READ_ONLY_WITH[key][0],) if key in READ_ONLY_WITH else ()
 
 
@@ -276,10 +281,10 @@ def unread_problem(key: str, possible: Mapping[str, Sequence[Any]]) -> str | Non
     def values(field: str) -> list[Any]:
         return list(possible.get(field, (_DEFAULTS[field],)))
 
-    if key == "dropout":  # cnn's blocks, resnet's pooled features and mlp's layers have theirs
-        if set(values("model")) == {"vgg"} and all(u == 0 for u in values("dense_units")):
-            return ("model vgg with dense_units 0 does not read it (vgg's dropout is in its "
-                    "dense layer, which dense_units 0 leaves out)")
+    if key in READ_ONLY_WHERE_NONZERO:
+        model, number, why = READ_ONLY_WHERE_NONZERO[key]
+        if set(values("model")) == {model} and all(v == 0 for v in values(number)):
+            return f"model {model} with {number} 0 does not read it ({why})"
         return None
     if key not in READ_ONLY_WITH:
         return None

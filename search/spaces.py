@@ -136,7 +136,8 @@ def load_space(name_or_path: str, overrides: dict[str, Any] | None = None,
     """Load, check and return a space; `overrides` pin keys (`--set key=value`).
 
     `check_read` refuses keys the space's model, optimizer or schedule does not read
-    (`fmnist.config.READ_ONLY_WITH`); off for an experiment searched before that check."""
+    (`fmnist.config.READ_ONLY_WITH`, `READ_ONLY_WHERE_NONZERO`); off for an experiment
+    searched before that check."""
     path = space_path(name_or_path)
     try:
         raw = load_yaml(path.read_text(encoding="utf-8"))
