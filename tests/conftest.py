@@ -139,10 +139,10 @@ def tiny_space(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def _ray_shutdown_at_end():
-    import ray
+    from search.run import stop_ray
 
     yield
-    ray.shutdown()
+    stop_ray()
 
 
 @pytest.fixture
@@ -168,10 +168,11 @@ def no_ray_running():
     through any GCS process it sees in `ps` (Ray's legacy lookup), so an earlier test's Ray
     would be found and joined. Fails if a Ray this session did not start is running.
     """
-    import ray
     from ray._private.services import find_gcs_addresses  # what "auto" itself looks at
 
-    ray.shutdown()
+    from search.run import stop_ray
+
+    stop_ray()
     deadline = time.monotonic() + 30
     while find_gcs_addresses() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -757,6 +757,41 @@ def test_workers_get_this_checkout_and_the_drivers_pythonpath(tiny_data_dir, tin
     assert run.worker_env(shared, {})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
 
 
+def test_the_embedded_ray_runs_workers_at_nice_0_and_stops_monitor_first_then_everything(
+        no_ray_running, tiny_data_dir, tiny_space, tmp_path, monkeypatch):
+    # Workers: Ray's default nice 15 made the trials' epochs slower (embedded_system_config).
+    # Stopping: Ray stops the GCS first, and its autoscaler monitor then waits on it for a
+    # second before Ray kills it, so stop_ray ends the monitor before Ray's own shutdown starts.
+    # Both use Ray's internals, so this checks they still work on the Ray installed (stop_ray
+    # falls back to the plain shutdown silently) and that nothing the embedded Ray started
+    # outlives it.
+    import ray
+    from ray._private import ray_constants
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    assert run.embedded_system_config({"RAY_worker_niceness": "15"}) == {}  # the user's wins
+    args = run.build_parser().parse_args(search_args(tiny_data_dir, tiny_space, tmp_path, "x"))
+    assert run.start_ray(args)
+    assert ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote()) == 0
+    started = {kind: [info.process for info in infos]
+               for kind, infos in ray._private.worker._global_node.all_processes.items()}
+    monitor = started[ray_constants.PROCESS_TYPE_MONITOR][0]
+    gcs = started[ray_constants.PROCESS_TYPE_GCS_SERVER][0]
+    seen = {}
+    real_shutdown = ray.shutdown
+
+    def shutdown(*a, **k):  # Ray's own shutdown, run as it is; only what precedes it is noted
+        seen.update(monitor=monitor.poll(), gcs=gcs.poll())
+        return real_shutdown(*a, **k)
+
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    run.stop_ray()
+    assert seen == {"monitor": -signal.SIGKILL, "gcs": None}
+    assert not ray.is_initialized()
+    left = {kind: [p.pid for p in procs if p.poll() is None] for kind, procs in started.items()}
+    assert not any(left.values()), left
+
+
 @pytest.mark.parametrize("flags, resources, problem", [
     ([], {"CPU": 2.0}, None),
     (["--cpus-per-trial", "2"], {"CPU": 2.0}, None),
