@@ -602,9 +602,10 @@ def start_ray(args: argparse.Namespace) -> bool:
             raise UsageError(f"--address {args.address}: {first.strip()}") from exc
     else:
         # Dashboard off and everything on loopback: nothing listens beyond this machine.
+        system = embedded_system_config()
         ray.init(include_dashboard=False, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", **common,
-                 **({"_system_config": system} if (system := embedded_system_config()) else {}))
+                 **({"_system_config": system} if system else {}))
     return True
 
 
