@@ -105,7 +105,8 @@ def main() -> None:
     plain_runs = [t for d in done["plain"] for t in d["run_s"]]
     emit("overhead", {
         "bench": "overhead", "config": REFERENCE, "runs": args.runs, "epochs": args.epochs,
-        "rounds": args.rounds, "order": "ABBA", "train": args.train_size, "val": args.val_size,
+        "rounds": args.rounds, "order": order(args.rounds), "train": args.train_size,
+        "val": args.val_size,
         "plain_wall_s": round(total("plain", "wall_s"), 1),
         "search_wall_s": round(total("search", "wall_s"), 1),
         "round_ratios": [round(s["wall_s"] / p["wall_s"], 3)
