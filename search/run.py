@@ -615,8 +615,8 @@ def embedded_system_config(environ: Mapping[str, str] | None = None) -> dict[str
     Ray runs its workers at nice 15, so that its own daemons win the CPU when workers load it.
     Here the trials' epochs then ran slower than the same epochs in a plain process: 9.7%
     against 3.6% at nice 0 (bench/overhead.py --runs 1 --epochs 10 --rounds 4, one run each
-    way, 2026-11-25); with the default command 5.4% at 15, then 1.9% and 6.6% at 0 (noisy,
-    but lower on average). The daemons still get their fair share of a CPU at nice 0, and a
+    way, 2026-11-25); with the default command 5.4% at 15, then 1.9%, 6.6% and 8.4% at 0
+    (noisy, but lower on average). The daemons still get their fair share of a CPU at nice 0, and a
     Ray cluster (--address) keeps what its nodes were started with. A RAY_worker_niceness in
     the environment is the user's choice and wins.
     """
