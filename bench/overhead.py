@@ -43,10 +43,12 @@ def plain(args: argparse.Namespace) -> None:
                                  "inter_op_threads": 2})
     times, epochs = [], []
     for _ in range(args.runs):
+        run_epochs: list[float] = []
         t0 = time.perf_counter()
-        train(cfg, data, on_epoch_end=lambda m: epochs.append(m["epoch_time_s"]))
+        train(cfg, data, on_epoch_end=lambda m, e=run_epochs: e.append(m["epoch_time_s"]))
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"run_s": times, "epoch_time_sum_s": sum(epochs)}))
+        epochs.append(sum(run_epochs))
+    print(json.dumps({"run_s": times, "run_epoch_s": epochs}))
 
 
 def order(rounds: int) -> list[str]:
@@ -63,7 +65,8 @@ def run_plain(args: argparse.Namespace, data_flags: list[str]) -> dict:
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.perf_counter() - t0
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "epoch_s": got["epoch_time_sum_s"], "run_s": got["run_s"]}
+    return {"wall_s": wall, "epoch_s": sum(got["run_epoch_s"]), "run_s": got["run_s"],
+            "run_epoch_s": got["run_epoch_s"]}
 
 
 def run_search(args: argparse.Namespace, data_flags: list[str], folder, space, i: int) -> dict:
@@ -71,7 +74,11 @@ def run_search(args: argparse.Namespace, data_flags: list[str], folder, space, i
                  "--num-samples", str(args.runs), "--max-epochs", str(args.epochs),
                  "--scheduler", "fifo", "--cpus-per-trial", "2", *size_flags(args),
                  "--time-budget", "3600", *data_flags)
-    return {"wall_s": run["wall_s"], "epoch_s": float(run["raw"]["epoch_time_s"].sum())}
+    raw = run["raw"]
+    by_start = raw.groupby("trial_id")["timestamp"].min().sort_values().index
+    per_trial = raw.groupby("trial_id")["epoch_time_s"].sum()
+    return {"wall_s": run["wall_s"], "epoch_s": float(raw["epoch_time_s"].sum()),
+            "run_epoch_s": [float(per_trial[t]) for t in by_start]}
 
 
 def main() -> None:
@@ -113,6 +120,11 @@ def main() -> None:
                          for p, s in zip(done["plain"], done["search"], strict=True)],
         "plain_run_s": [round(t, 1) for t in plain_runs],
         "plain_runs_under_30_s": sum(t < 30 for t in plain_runs),
+        # time inside epochs per run (plain) and per trial in the order they ran (search):
+        # whether the search's epochs are slower throughout or in some runs only
+        "plain_run_epoch_s": [[round(t, 1) for t in d["run_epoch_s"]] for d in done["plain"]],
+        "search_run_epoch_s": [[round(t, 1) for t in d["run_epoch_s"]]
+                               for d in done["search"]],
         "plain_epoch_time_sum_s": round(total("plain", "epoch_s"), 1),
         "search_epoch_time_sum_s": round(total("search", "epoch_s"), 1),
         "epoch_ratio": round(total("search", "epoch_s") / total("plain", "epoch_s"), 3),
