@@ -602,26 +602,9 @@ def start_ray(args: argparse.Namespace) -> bool:
             raise UsageError(f"--address {args.address}: {first.strip()}") from exc
     else:
         # Dashboard off and everything on loopback: nothing listens beyond this machine.
-        system = embedded_system_config()
         ray.init(include_dashboard=False, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", **common,
-                 **({"_system_config": system} if system else {}))
+                 _node_ip_address="127.0.0.1", **common)
     return True
-
-
-def embedded_system_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Ray settings of the embedded Ray that differ from Ray's defaults.
-
-    Ray runs its workers at nice 15, so that its own daemons win the CPU when workers load it.
-    Here the trials' epochs then ran slower than the same epochs in a plain process: 9.7%
-    against 3.6% at nice 0 (bench/overhead.py --runs 1 --epochs 10 --rounds 4, one run each
-    way, 2026-11-25); with the default command 5.4% at 15, then 1.9%, 6.6%, 8.4% and 10.1%
-    at 0 (noisy; lower on average, but not by much). The daemons still get their fair share
-    of a CPU at nice 0, and a Ray cluster (--address) keeps what its nodes were started with.
-    A RAY_worker_niceness in the environment is the user's choice and wins.
-    """
-    environ = os.environ if environ is None else environ
-    return {} if "RAY_worker_niceness" in environ else {"worker_niceness": 0}
 
 
 def stop_ray() -> None:
