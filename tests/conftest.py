@@ -147,15 +147,19 @@ def _ray_shutdown_at_end():
 
 @pytest.fixture
 def ray_session(_ray_shutdown_at_end):
-    """One real local Ray shared by the tests that use it (2 CPUs, loopback, no dashboard).
+    """One real local Ray shared by the tests that use it (2 CPUs, loopback, no dashboard,
+    set up as the embedded one).
 
     Started on first use and kept for the session; started again after `no_ray_running`.
     """
     import ray
 
     if not ray.is_initialized():
+        from search.run import EMBEDDED_RAY_CONFIG
+
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=False, logging_level="WARNING",
+                 _system_config=EMBEDDED_RAY_CONFIG,
                  runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
     return ray
 

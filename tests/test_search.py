@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -757,6 +758,30 @@ def test_workers_get_this_checkout_and_the_drivers_pythonpath(tiny_data_dir, tin
     assert run.worker_env(shared, {})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def process_titles(pids: list[int]) -> list[str]:
+    """What each process calls itself (Ray's processes set a title such as `ray::IDLE`)."""
+    titles = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            titles.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+                          .decode().strip())
+    return titles
+
+
 def test_stopping_the_embedded_ray_ends_its_monitor_first_and_every_process(
         no_ray_running, tiny_data_dir, tiny_space, tmp_path, monkeypatch):
     # Ray stops the GCS first, and its autoscaler monitor then waits on it for a second before
@@ -772,6 +797,11 @@ def test_stopping_the_embedded_ray_ends_its_monitor_first_and_every_process(
                for kind, infos in ray._private.worker._global_node.all_processes.items()}
     monitor = started[ray_constants.PROCESS_TYPE_MONITOR][0]
     gcs = started[ray_constants.PROCESS_TYPE_GCS_SERVER][0]
+    # No workers started ahead: Tune's trial actors could not use them (EMBEDDED_RAY_CONFIG).
+    # With Ray's default, two `ray::IDLE` workers are already there when ray.init returns.
+    raylet = started[ray_constants.PROCESS_TYPE_RAYLET][0].pid
+    assert set(process_titles(children(raylet))) == {"ray::DashboardAgent",
+                                                    "ray::RuntimeEnvAgent"}
     seen = {}
     real_shutdown = ray.shutdown
 
