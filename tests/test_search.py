@@ -782,7 +782,7 @@ def process_titles(pids: list[int]) -> list[str]:
     return titles
 
 
-def test_stopping_the_embedded_ray_ends_its_monitor_first_and_every_process(
+def test_the_embedded_ray_starts_no_idle_workers_and_stops_its_monitor_first_and_all(
         no_ray_running, tiny_data_dir, tiny_space, tmp_path, monkeypatch):
     # Ray stops the GCS first, and its autoscaler monitor then waits on it for a second before
     # Ray kills it: stop_ray ends the monitor before Ray's own shutdown starts. That path uses
