@@ -758,27 +758,17 @@ def test_workers_get_this_checkout_and_the_drivers_pythonpath(tiny_data_dir, tin
     assert run.worker_env(shared, {})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid`, read from /proc."""
-    found = []
+def child_titles(pid: int) -> set[str]:
+    """What the children of process `pid` call themselves (Ray's set titles such as
+    `ray::IDLE`), read from /proc."""
+    titles = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text()
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    titles.add((entry / "cmdline").read_bytes().split(b"\0")[0].decode().strip())
             except OSError:  # ended meanwhile
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def process_titles(pids: list[int]) -> list[str]:
-    """What each process calls itself (Ray's processes set a title such as `ray::IDLE`)."""
-    titles = []
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            titles.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-                          .decode().strip())
     return titles
 
 
@@ -800,8 +790,7 @@ def test_the_embedded_ray_starts_no_idle_workers_and_stops_its_monitor_first_and
     # No workers started ahead: Tune's trial actors could not use them (EMBEDDED_RAY_CONFIG).
     # With Ray's default, two `ray::IDLE` workers are already there when ray.init returns.
     raylet = started[ray_constants.PROCESS_TYPE_RAYLET][0].pid
-    assert set(process_titles(children(raylet))) == {"ray::DashboardAgent",
-                                                    "ray::RuntimeEnvAgent"}
+    assert child_titles(raylet) == {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
     seen = {}
     real_shutdown = ray.shutdown
 
