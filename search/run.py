@@ -585,6 +585,14 @@ def worker_env(args: argparse.Namespace, driver_env: Mapping[str, str]) -> dict[
     return env
 
 
+# Ray starts one worker per CPU ahead as the driver connects, but Tune gives every trainable
+# actor a runtime env of its own (PL_DISABLE_FORK=1), so no trial can use those workers: each
+# gets a fresh one anyway. Starting them only competed with Ray's own start and the first
+# trial's worker for the CPUs. Without them, a 1-epoch search reached its first epoch about
+# 1 s sooner on this 2-core machine (bench/README.md).
+EMBEDDED_RAY_CONFIG = {"prestart_worker_first_driver": False}
+
+
 def start_ray(args: argparse.Namespace) -> bool:
     """Connect to --address or start an embedded Ray; True if this process started it."""
     import ray
@@ -605,14 +613,6 @@ def start_ray(args: argparse.Namespace) -> bool:
         ray.init(include_dashboard=False, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", _system_config=EMBEDDED_RAY_CONFIG, **common)
     return True
-
-
-# Ray starts one worker per CPU ahead as the driver connects, but Tune gives every trainable
-# actor a runtime env of its own (PL_DISABLE_FORK=1), so no trial can use those workers: each
-# gets a fresh one anyway. Starting them only competed with Ray's own start and the first
-# trial's worker for the CPUs. Without them, a 1-epoch search reached its first epoch about
-# 1 s sooner on this 2-core machine (bench/README.md).
-EMBEDDED_RAY_CONFIG = {"prestart_worker_first_driver": False}
 
 
 def stop_ray() -> None:
