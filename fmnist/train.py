@@ -208,10 +208,19 @@ def feed(x: np.ndarray, y: np.ndarray, batch_size: int) -> dict[str, Any]:
     return {"x": batches.with_options(options)}
 
 
+def seed_states(model: keras.Model) -> list[Any]:
+    """The state variables of the model's random streams (dropout, augmentation), in the
+    model's own order, which a model loaded from the same config has too."""
+    return [v for v in model.variables if v.name == "seed_generator_state"]
+
+
 class TrainingRun:
     """A model, its optimizer and its data, trained one epoch at a time; saves and restores."""
 
-    def __init__(self, cfg: TrainConfig, data: Any):
+    def __init__(self, cfg: TrainConfig, data: Any,
+                 checkpoint: str | os.PathLike | None = None):
+        """Build `cfg`'s model, or with `checkpoint` load the one `save` wrote there instead
+        (as `restore` does, without building a model first only to replace it)."""
         self.cfg = cfg
         arrays = _arrays(data)
         self.x_train, self.y_train = arrays["x_train"], arrays["y_train"]
@@ -223,14 +232,17 @@ class TrainingRun:
         self.epoch = 0  # epochs completed
         self.attempt = 0  # how many times this run was restored from a checkpoint
         keras.utils.set_random_seed(cfg.seed)
-        self.model = build_with_precision(cfg, resolve_precision(cfg.precision))
-        self.model.compile(
-            optimizer=make_optimizer(cfg, self.steps_per_epoch),
-            loss=self._loss(),
-            metrics=["accuracy"],
-            jit_compile=cfg.jit_compile,
-        )
-        self._build_state()
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        else:
+            self.model = build_with_precision(cfg, resolve_precision(cfg.precision))
+            self.model.compile(
+                optimizer=make_optimizer(cfg, self.steps_per_epoch),
+                loss=self._loss(),
+                metrics=["accuracy"],
+                jit_compile=cfg.jit_compile,
+            )
+            self._build_state()
         # validation batches never change: built once, not every epoch
         self._val_feed = (feed(self.x_val, self.y_val, cfg.eval_batch_size)
                           if len(self.x_val) else None)
@@ -312,7 +324,9 @@ class TrainingRun:
         directory.mkdir(parents=True, exist_ok=True)
         model_tmp, state_tmp = directory / ".model.tmp.keras", directory / ".state.json.tmp"
         self.model.save(model_tmp)
-        state = {"epoch": self.epoch, "attempt": self.attempt, "config": self.cfg.to_dict()}
+        state = {"epoch": self.epoch, "attempt": self.attempt, "config": self.cfg.to_dict(),
+                 "seed_states": [ops.convert_to_numpy(v).tolist()
+                                 for v in seed_states(self.model)]}
         state_tmp.write_text(json.dumps(state))
         os.replace(model_tmp, directory / "model.keras")
         os.replace(state_tmp, directory / "state.json")
@@ -324,6 +338,15 @@ class TrainingRun:
         state = json.loads((directory / "state.json").read_text())
         self.model = keras.saving.load_model(directory / "model.keras", safe_mode=True)
         self._build_state()
+        # The random streams (dropout, augmentation) are not in model.keras: Keras starts a
+        # loaded model's anew, so until checkpoints carried them a restored run drew the masks
+        # and shifts of its first epochs again instead of going on. (Older checkpoints lack
+        # them: their streams still start anew.)
+        saved = state.get("seed_states")
+        variables = seed_states(self.model)
+        if saved is not None and len(saved) == len(variables):
+            for variable, value in zip(variables, saved, strict=True):
+                variable.assign(np.asarray(value, dtype=variable.dtype))
         self.epoch = int(state["epoch"])
         self.attempt = int(state.get("attempt", 0)) + 1
 
@@ -348,9 +371,7 @@ def train(
     if resume_from is not None:
         resumed_config(str(resume_from), cfg.to_dict())
     configure_threads(cfg.intra_op_threads, cfg.inter_op_threads)
-    run = TrainingRun(cfg, data)
-    if resume_from is not None:
-        run.restore(resume_from)
+    run = TrainingRun(cfg, data, checkpoint=resume_from)
     while run.epoch < cfg.epochs:
         metrics = run.fit_epoch()
         if checkpoint_dir is not None:

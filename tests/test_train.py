@@ -66,6 +66,30 @@ def test_checkpoint_restore_continues_identically(tiny, tmp_path):
     assert math.isclose(ma["val_loss"], mb["val_loss"], rel_tol=1e-4)
 
 
+def test_a_restored_run_goes_on_with_its_random_streams_not_from_their_start(tiny, tmp_path):
+    # Dropout and augmentation draw from seeded streams that model.keras does not hold: the
+    # checkpoint carries them, so one epoch after a restore equals one more epoch straight on.
+    cfg = TrainConfig(model="cnn", epochs=3, batch_size=64, base_filters=4, dense_units=8,
+                      dropout=0.4, augment_flip=True, augment_translate=0.1)
+    a = TrainingRun(cfg, tiny)
+    a.fit_epoch()
+    a.save(tmp_path / "ckpt")
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    drawn = [s[1] for s in state["seed_states"]]
+    assert len(drawn) == 5 and all(n > 0 for n in drawn)  # flip, shift, 3 dropout layers
+    b = TrainingRun(cfg, tiny, checkpoint=tmp_path / "ckpt")
+    assert b.epoch == 1 and b.attempt == 1
+    ma, mb = a.fit_epoch(), b.fit_epoch()
+    for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    assert math.isclose(ma["val_loss"], mb["val_loss"], rel_tol=1e-5)
+    # A checkpoint from before the streams were saved still restores (they start anew).
+    del state["seed_states"]
+    (tmp_path / "ckpt" / "state.json").write_text(json.dumps(state))
+    old = TrainingRun(cfg, tiny, checkpoint=tmp_path / "ckpt")
+    assert old.epoch == 1 and old.fit_epoch()["epoch"] == 2
+
+
 def _count_traces(run):
     """Count how often TensorFlow traces the run's train step (Python runs it only then)."""
     calls = []
