@@ -48,12 +48,12 @@ class FMNISTTrainable(FMNISTTrainable):
         if MODE == "slow":
             time.sleep(1.0)
         elif MODE == "meet":
-            if self._training.epoch == 0:
+            if self.training.epoch == 0:
                 (FOLDER / self._node).touch()
                 deadline = time.monotonic() + 60
                 while len(list(FOLDER.iterdir())) < 2 and time.monotonic() < deadline:
                     time.sleep(0.1)
-        elif self._training.epoch == 0:
+        elif self.training.epoch == 0:
             self._hold = MODE == "hold" and not claim(FOLDER / "first")
         elif getattr(self, "_hold", False):  # unset in a trial restored past epoch 0
             tmp = FOLDER / "held.tmp"

@@ -45,7 +45,7 @@ def test_a_trial_that_raises_at_epoch_2_fails_alone(ray_session, tiny_data_dir, 
         """The real trainable, except that the 16-unit trial raises during its second epoch."""
 
         def step(self):
-            if self.cfg.units == 16 and self._training.epoch == 1:
+            if self.cfg.units == 16 and self.training.epoch == 1:
                 raise RuntimeError("injected fault in epoch 2")
             return super().step()
 
@@ -81,7 +81,7 @@ def test_failed_trials_run_again_from_their_checkpoint_under_resume_retry_errore
         """The real trainable, except that 16-unit trials raise in epoch 2 while `fault` is."""
 
         def step(self):
-            if self.cfg.units == 16 and self._training.epoch == 1 and fault.exists():
+            if self.cfg.units == 16 and self.training.epoch == 1 and fault.exists():
                 raise RuntimeError("injected fault in epoch 2")
             return super().step()
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -1128,3 +1129,48 @@ def test_an_unreachable_bucket_is_one_line_not_a_hang(tiny_data_dir, tiny_space,
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach gs://fmnist-test/runs" in lines[0], lines
     assert "NO_RAY" in out.stdout
+
+
+def test_a_trial_resumed_on_another_worker_trains_as_if_it_had_never_paused(
+        ray_session, tiny_data_dir, tmp_path, monkeypatch):
+    # What Tune does when it pauses a trial at a rung and resumes it later on another worker
+    # (asha-promote, Hyperband): that worker loads the checkpoint, with no model built first
+    # only to be replaced, and its next epoch is the one the trial would have trained on.
+    # Dropout and augmentation make the random streams part of what must carry over.
+    from types import SimpleNamespace
+
+    from ray.tune.result import TRIAL_INFO
+
+    import fmnist.train
+
+    data = load_splits(tiny_data_dir, val_size=100, train_size=300).arrays()
+    fixed = dict(model="cnn", epochs=3, batch_size=64, base_filters=4, dense_units=8,
+                 augment_flip=True, augment_translate=0.1, seed=1)
+
+    class Worker(FMNISTTrainable):
+        def setup(self, config):
+            super().setup(config, data=data, fixed=fixed)
+
+    # What Tune hands a trainable as its trial's _TrialInfo (the fields Trainable reads)
+    info = SimpleNamespace(trial_id="a", trial_name="a", experiment_name="e",
+                           trial_resources=None)
+    (tmp_path / "a1").mkdir()  # Tune makes a checkpoint's folder
+    first = Worker({"dropout": 0.3, TRIAL_INFO: info})
+    assert first.train()["epoch"] == 1
+    first.save_checkpoint(str(tmp_path / "a1"))
+    straight_on = first.train()
+    made = []  # the checkpoint each TrainingRun of the other worker was made from
+    make = fmnist.train.TrainingRun.__init__
+    monkeypatch.setattr(fmnist.train.TrainingRun, "__init__",
+                        lambda run, cfg, data, checkpoint=None: made.append(checkpoint)
+                        or make(run, cfg, data, checkpoint))
+    other = Worker({"dropout": 0.3, TRIAL_INFO: info})
+    other.restore(str(tmp_path / "a1"))
+    assert len(made) == 1 and Path(made[0]) == tmp_path / "a1"  # loaded, nothing built first
+    resumed = other.train()
+    assert straight_on["epoch"] == resumed["epoch"] == 2
+    assert (straight_on["attempt"], resumed["attempt"]) == (0, 1)
+    assert math.isclose(straight_on["val_loss"], resumed["val_loss"], rel_tol=1e-5)
+    for wa, wb in zip(first.training.model.get_weights(), other.training.model.get_weights(),
+                      strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
