@@ -1139,10 +1139,13 @@ def test_a_trial_resumed_on_another_worker_trains_as_if_it_had_never_paused(
     # Dropout and augmentation make the random streams part of what must carry over.
     from types import SimpleNamespace
 
+    import ray.tune.trainable.trainable
     from ray.tune.result import TRIAL_INFO
 
     import fmnist.train
 
+    # A trainable made outside Tune logs to a folder under ~/ray_results: under tmp_path here.
+    monkeypatch.setattr(ray.tune.trainable.trainable, "DEFAULT_STORAGE_PATH", str(tmp_path))
     data = load_splits(tiny_data_dir, val_size=100, train_size=300).arrays()
     fixed = dict(model="cnn", epochs=3, batch_size=64, base_filters=4, dense_units=8,
                  augment_flip=True, augment_translate=0.1, seed=1)
@@ -1174,3 +1177,5 @@ def test_a_trial_resumed_on_another_worker_trains_as_if_it_had_never_paused(
     for wa, wb in zip(first.training.model.get_weights(), other.training.model.get_weights(),
                       strict=True):
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    first.stop()
+    other.stop()
