@@ -2,8 +2,8 @@
 
 One Tune iteration is one epoch. Each epoch is reported with a checkpoint, so schedulers can
 pause and resume trials (Hyperband) and a failed trial retries from its last epoch. With
-`reuse_actors`, `reset_config` rebuilds the model in the same process, so TensorFlow is
-imported and initialized once per worker, not once per trial.
+`reuse_actors`, `reset_config` hands the worker the next trial, whose model is built in the
+same process, so TensorFlow is imported and initialized once per worker, not once per trial.
 """
 
 from __future__ import annotations
@@ -124,7 +124,6 @@ class FMNISTTrainable(tune.Trainable):
         self._node = ray.get_runtime_context().get_node_id()
         self._node_ip = ray.util.get_node_ip_address()
         self._host = socket.gethostname()
-        self._run = None
         self._build(config)
 
     def _build(self, config: dict[str, Any]) -> None:
