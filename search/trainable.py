@@ -144,17 +144,18 @@ class FMNISTTrainable(tune.Trainable):
         return self._run
 
     def step(self) -> dict[str, Any]:
-        metrics = self.training.fit_epoch()
+        run = self.training
+        metrics = run.fit_epoch()
         gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
         metrics.update(
-            attempt=self.training.attempt,
+            attempt=run.attempt,
             node=self._node,
             node_ip=self._node_ip,
             host=self._host,
             gpu_ids=gpu_ids,
             data_sha256=self._data_sha256,
             pid=os.getpid(),
-            done=self.training.epoch >= self.cfg.epochs,
+            done=run.epoch >= self.cfg.epochs,
         )
         return metrics
 
