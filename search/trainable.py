@@ -8,6 +8,7 @@ same process, so TensorFlow is imported and initialized once per worker, not onc
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -121,6 +122,11 @@ class FMNISTTrainable(tune.Trainable):
         _configure_gpu(gpus)
         if problem := gpu_problem(gpus):
             raise RuntimeError(problem)
+        if ray.get_runtime_context().get_actor_id() is not None:
+            # A Tune worker (an actor; not a caller's process, where tests and notebooks make a
+            # trainable): what the imports left is there for good, so Python's full garbage
+            # collections, such as the one each reset_config runs, stop walking it.
+            gc.freeze()
         self._node = ray.get_runtime_context().get_node_id()
         self._node_ip = ray.util.get_node_ip_address()
         self._host = socket.gethostname()
@@ -174,8 +180,11 @@ class FMNISTTrainable(tune.Trainable):
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         # A reused worker keeps TensorFlow loaded; only the previous trial's graph state goes.
+        # Its run is let go first, so that the collection clear_session ends with frees its
+        # model, optimizer and traced steps now, not at some later full collection.
         import keras
 
+        self._run = None
         keras.backend.clear_session()
         self._build(new_config)
         return True

@@ -689,6 +689,37 @@ def test_max_concurrent_one_runs_trials_one_after_the_other(ray_session, tiny_da
     assert (spans["start"].iloc[1:].to_numpy() >= spans["end"].iloc[:-1].to_numpy()).all(), spans
 
 
+def test_a_reused_worker_frees_each_finished_trials_model_and_keeps_imports_out_of_collections(
+        ray_session, tiny_data_dir, tiny_space, tmp_path):
+    # One worker runs three trials one after the other (Tune reuses its actor). Each reset
+    # must free the finished trial's model at once, and the worker has frozen what its imports
+    # left, so the full collection each reset runs walks only what trials made since (a reset
+    # took 0.28 s without, 0.03 s with, in a worker here). The caller's process is not frozen.
+    import gc
+    import weakref
+
+    folder = tmp_path / "resets"
+    folder.mkdir()
+
+    class Probe(FMNISTTrainable):
+        def reset_config(self, new_config):
+            finished = weakref.ref(self._run.model)
+            done = super().reset_config(new_config)
+            (folder / f"{len(list(folder.iterdir()))}.json").write_text(json.dumps({
+                "pid": os.getpid(), "frozen": gc.get_freeze_count(),
+                "finished_model_freed": finished() is None}))
+            return done
+
+    argv = search_args(tiny_data_dir, tiny_space, tmp_path, "reused", "--num-samples", "3",
+                       "--max-epochs", "1", "--scheduler", "fifo", "--max-concurrent", "1")
+    assert run.run_search(run.resolve(argv), out=io.StringIO(), trainable_cls=Probe) == 0
+    resets = [json.loads(p.read_text()) for p in sorted(folder.iterdir())]
+    assert len(resets) == 2 and len({r["pid"] for r in resets}) == 1, resets  # one worker
+    assert all(r["finished_model_freed"] for r in resets), resets
+    assert all(r["frozen"] > 10_000 for r in resets), resets  # TensorFlow's, Ray's, ours
+    assert gc.get_freeze_count() == 0
+
+
 def test_time_budget_records_every_trial_and_queues_no_more_than_can_run(
         ray_session, tiny_data_dir, tiny_space, tmp_path):
     # Far more samples and epochs than fit in the budget: the budget, not the count, ends it,
