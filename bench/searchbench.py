@@ -54,14 +54,16 @@ def workdir(keep: str | None) -> Path:
     return folder
 
 
-def search(storage: Path, name: str, *flags: str, quiet: bool = True) -> dict:
+def search(storage: Path, name: str, *flags: str, quiet: bool = True,
+           program: list[str] | None = None) -> dict:
     """Run one search command end to end; wall time is the whole command, Python start included.
 
-    Returns wall_s, the exit code, the start time (epoch seconds) and the experiment's raw and
-    canonical epochs and its trials.
+    `program` runs instead of `search/run.py` (its command before the search's flags), for a
+    benchmark that swaps in a variant of the trainable. Returns wall_s, the exit code, the
+    start time (epoch seconds) and the experiment's raw and canonical epochs and its trials.
     """
-    cmd = [sys.executable, str(REPO / "search" / "run.py"), "--storage", str(storage),
-           "--name", name, *flags]
+    cmd = [*(program or [sys.executable, str(REPO / "search" / "run.py")]),
+           "--storage", str(storage), "--name", name, *flags]
     print("$", " ".join(cmd[1:]), file=sys.stderr, flush=True)
     t0_wall, t0 = time.time(), time.perf_counter()
     out = subprocess.run(cmd, cwd=REPO, capture_output=quiet, text=True,
