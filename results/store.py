@@ -3,6 +3,7 @@
     <root>/<experiment>/experiment.parquet   one row
     <root>/<experiment>/trials/part-*.parquet one row per finished trial (latest row wins)
     <root>/<experiment>/epochs/part-*.parquet one row per trial, epoch and attempt
+    <root>/<experiment>/tune-state.json       Ray Tune's last snapshot, whole (TUNE_STATE_FILE)
 
 `root` is a local folder or any URI pyarrow's filesystems accept (s3://, gs://, file://).
 Every part file is written as `*.tmp`, synced, then renamed; readers ignore anything else.
@@ -11,6 +12,7 @@ Results arrive at least once; the canonical views keep one row per key.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -36,6 +38,14 @@ FINAL_DIR = "final"
 CLAIM_FILE = ".claim.json"  # in a final folder while its evaluation runs
 SEARCH_LOCK = ".search.json"  # in an experiment folder while a search writes it
 RAY_DIR = "ray"
+# Ray Tune's last experiment snapshot (its state files for one session), kept whole. Tune
+# uploads those files to ray/ one by one; a driver killed mid-upload leaves a mix of two
+# snapshots there (trials from the new one, the searcher's count from the old one), and a
+# --resume of that mix draws more trials than --num-samples. The files inside are Tune's own,
+# as Tune wrote them (some are its pickles), and go back to ray/ only for Tune to read. Not in
+# ray/ itself: Tune copies ray/ to the driver at --resume and back up at every snapshot, which
+# would put the copy it took over each newer one.
+TUNE_STATE_FILE = "tune-state.json"
 TMP_SUFFIX = ".tmp"
 QUARANTINE_DIR = "_corrupt"
 
@@ -233,13 +243,17 @@ class ExperimentStore:
     # ------------------------------------------------------------------ writing
 
     def _write_atomic(self, table: pa.Table, path: str) -> None:
+        self._write_whole(path, lambda f: pq.write_table(table, f))
+
+    def _write_whole(self, path: str, write: Any) -> None:
+        """`write(file)` into `path + TMP_SUFFIX`, synced, then renamed to `path`."""
         parent = path.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         tmp = path + TMP_SUFFIX
         if _is_local(self.fs):
             try:
                 with open(tmp, "wb") as f:
-                    pq.write_table(table, f)
+                    write(f)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
@@ -254,7 +268,7 @@ class ExperimentStore:
                 os.close(dir_fd)
         else:  # object stores: an upload becomes visible whole, the move is best effort
             with self.fs.open_output_stream(tmp) as f:
-                pq.write_table(table, f)
+                write(f)
             self.fs.move(tmp, path)
 
     def write_table(self, table: pa.Table, relative: str) -> None:
@@ -273,6 +287,46 @@ class ExperimentStore:
         with open(local, "rb") as src, self.fs.open_output_stream(path) as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
+
+    def keep_tune_state(self, session: str, files: Mapping[str, bytes]) -> None:
+        """Write Ray Tune's snapshot of one session (file name -> bytes) as TUNE_STATE_FILE,
+        whole; it replaces the one kept before."""
+        text = json.dumps({"session": session, "files": {
+            name: base64.b64encode(data).decode("ascii") for name, data in files.items()}})
+        self._write_whole(_join(self.path, TUNE_STATE_FILE),
+                          lambda f: f.write(text.encode("utf-8")))
+
+    def drop_tune_state(self) -> None:
+        """Remove the kept snapshot (one that could not be replaced must not be restored)."""
+        with contextlib.suppress(OSError):
+            self.fs.delete_file(_join(self.path, TUNE_STATE_FILE))
+
+    def restore_tune_state(self) -> list[str]:
+        """Put the kept snapshot's files back in ray/ over what Tune's upload left there, and
+        return their names; nothing when none is kept, when it cannot be read, or when ray/
+        holds a later session's experiment state (a snapshot that was not kept)."""
+        path = _join(self.path, TUNE_STATE_FILE)
+        try:
+            with self.fs.open_input_stream(path) as f:
+                kept = json.loads(f.read().decode("utf-8"))
+            session = str(kept["session"])
+            files = {str(name): base64.b64decode(data, validate=True)
+                     for name, data in kept["files"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+        if any(not name or name.startswith(".") or "/" in name or "\\" in name
+               for name in files):
+            return []  # not a file name Tune writes in ray/
+        sessions = [i.base_name[len("experiment_state-"):-len(".json")]
+                    for i in self.fs.get_file_info(pafs.FileSelector(
+                        _join(self.path, RAY_DIR), allow_not_found=True))
+                    if i.base_name.startswith("experiment_state-")
+                    and i.base_name.endswith(".json")]
+        if sessions and max(sessions) > session:
+            return []
+        for name, data in files.items():
+            self._write_whole(_join(self.path, RAY_DIR, name), lambda f, d=data: f.write(d))
+        return sorted(files)
 
     def unwritten(self, created_at: datetime) -> ExperimentStore:
         """Where the search puts rows it could not write here (a full disk, a bucket that

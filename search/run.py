@@ -718,26 +718,36 @@ def make_scheduler(args: argparse.Namespace):
 
 
 def make_searcher(args: argparse.Namespace, space: Space):
-    from ray.tune.search import BasicVariantGenerator
+    """The search algorithm for --searcher, as Tune would wrap it (a Searcher in a
+    ConcurrencyLimiter for --max-concurrent, then a SearchGenerator), keeping its snapshots
+    whole (search/tunestate.py). It carries the concurrency limit itself: Tune applies
+    `max_concurrent_trials` only to a bare Searcher."""
+    from ray.tune.search import ConcurrencyLimiter
 
+    from search.tunestate import KeptSearchGenerator, KeptVariantGenerator
+
+    searcher = None
     if args.searcher == "optuna" and space.dists:
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=args.seed))
-    if args.searcher == "hyperopt" and space.dists:
+        searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=args.seed))
+    elif args.searcher == "hyperopt" and space.dists:
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch(random_state_seed=args.seed,
-                              n_initial_points=min(20, max(1, args.num_samples // 2)))
-    if args.searcher == "tpe-rungs" and space.dists:
+        searcher = HyperOptSearch(random_state_seed=args.seed,
+                                  n_initial_points=min(20, max(1, args.num_samples // 2)))
+    elif args.searcher == "tpe-rungs" and space.dists:
         from search.searchers import RungTPE
 
-        return RungTPE(seed=args.seed)
-    # Tune applies max_concurrent_trials only to a Searcher (wrapped in a ConcurrencyLimiter);
-    # a BasicVariantGenerator passed in must carry the limit itself or it is silently ignored.
-    return BasicVariantGenerator(random_state=args.seed, max_concurrent=args.max_concurrent or 0)
+        searcher = RungTPE(seed=args.seed)
+    if searcher is None:
+        return KeptVariantGenerator(random_state=args.seed,
+                                    max_concurrent=args.max_concurrent or 0)
+    if args.max_concurrent:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent)
+    return KeptSearchGenerator(searcher)
 
 
 def experiment_row(plan: Plan, resources: dict[str, Any]) -> dict[str, Any]:
@@ -834,6 +844,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     from search.schedulers import OnRecord
     from search.spaces import to_tune
     from search.trainable import FMNISTTrainable
+    from search.tunestate import keep_snapshots_in
 
     a = plan.args
     limit, own_output = None, False
@@ -862,6 +873,9 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
             plan.store.lock_search()  # before its *.tmp are swept: they could be a live one's
             locked = True
             plan.store.sweep_tmp()
+            # Tune's own upload of its last snapshot may have been cut off by a kill: put back
+            # the snapshot kept whole (search/tunestate.py).
+            plan.store.restore_tune_state()
             ParquetRecorder.relocated_to = plan.store  # where it is now, if it moved
             OnRecord.scores = scores_on_record(plan.store)  # asha's, median's state again
             tuner = tune.Tuner.restore(plan.store.uri("ray"), trainable=trainable,
@@ -885,8 +899,9 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
                 param_space=to_tune(plan.space, a.searcher),
                 tune_config=tune.TuneConfig(
                     metric=METRIC, mode=MODE, scheduler=make_scheduler(a),
+                    # The search algorithm carries --max-concurrent itself (make_searcher).
                     search_alg=make_searcher(a, plan.space), num_samples=a.num_samples,
-                    max_concurrent_trials=a.max_concurrent, time_budget_s=a.time_budget,
+                    time_budget_s=a.time_budget,
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
@@ -906,6 +921,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
             os.environ[OUTPUT_ENV] = "0"
         start = time.monotonic()
         handlers, tune_failed = _stop_handlers(), False
+        keep_snapshots_in(plan.store)  # where the search keeps Tune's snapshots whole
         try:
             tuner.fit()
         except (OSError, EOFError) as exc:
@@ -927,6 +943,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
         if own_output:
             os.environ.pop(OUTPUT_ENV, None)
         ParquetRecorder.relocated_to = None
+        keep_snapshots_in(None)
         OnRecord.scores = {}
         if locked:
             plan.store.unlock_search()

@@ -255,6 +255,9 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
     # of them wait paused at the rung. --resume brings them back; nothing may be lost or
     # recorded twice, and the search must still end with a trial at max_t. The searcher is
     # tpe-rungs, the one that keeps its own state: Tune restores it from its JSON file.
+    # The kill also tears Tune's upload of its last snapshot to ray/, as one that lands in the
+    # middle of it does: the experiment state cut short, the search algorithm's files still
+    # the first snapshot's (CI saw a resume of such a mix draw 10 trials for 6).
     samples, max_epochs = 6, 9
     start = [sys.executable, "search/run.py",
              *search_args(tiny_data_dir, tiny_space, tmp_path, "waiting", "--num-samples",
@@ -264,17 +267,24 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
     proc = subprocess.Popen(start, cwd=REPO, env=driver_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 180
-    before = None
+    before, ray_dir, first = None, tmp_path / "waiting" / "ray", {}
     while proc.poll() is None and time.monotonic() < deadline:
+        for path in ray_dir.glob("*state-*.json"):
+            if not path.name.startswith("experiment_state"):
+                first.setdefault(path.name, path.read_bytes())
         if store.has_ray_state():
             epochs = store.read_epochs()
             if (epochs["epoch"] == 1).sum() >= 3:
                 before = epochs
                 break
-        time.sleep(0.3)
+        time.sleep(0.1)
     assert before is not None and proc.poll() is None, "the search ended before the kill"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
+    for name, data in first.items():
+        (ray_dir / name).write_bytes(data)
+    torn = max(ray_dir.glob("experiment_state-*.json"))
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
     seen = set(_keys(store.read_epochs()))
     resumed = subprocess.run(_resume_cmd(tmp_path, "waiting"), cwd=REPO, env=driver_env(),
                              capture_output=True, text=True, timeout=400)

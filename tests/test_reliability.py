@@ -1,6 +1,7 @@
 """Torn writes and bad data files: nothing half-written is read, nothing starts on bad data."""
 
 import gzip
+import json
 import subprocess
 import sys
 import time
@@ -34,6 +35,37 @@ def test_leftover_tmp_files_are_ignored_then_swept(tmp_path):
     removed = store.sweep_tmp()
     assert len(removed) == 2 and not list(folder.glob("*.tmp"))
     assert len(store.read_epochs()) == 3
+
+
+def test_the_kept_tune_snapshot_replaces_a_torn_upload_unless_ray_holds_a_later_one(tmp_path):
+    store = ExperimentStore(str(tmp_path), "e")
+    ray = tmp_path / "e" / "ray"
+    ray.mkdir(parents=True)
+    snapshot = {"experiment_state-S1.json": b'{"trial_data": [1, 2, 3]}',
+                "search_gen_state-S1.json": bytes(range(256))}  # a pickle, byte for byte
+    store.keep_tune_state("S1", snapshot)
+    # A kill mid-upload: the experiment state torn, the search state from an older snapshot.
+    (ray / "experiment_state-S1.json").write_bytes(b'{"trial_da')
+    (ray / "search_gen_state-S1.json").write_bytes(b"older")
+    (ray / "searcher-state-S0.json").write_bytes(b"an earlier run's")
+    assert store.restore_tune_state() == sorted(snapshot)
+    assert {p.name: p.read_bytes() for p in ray.glob("*S1.json")} == snapshot
+    assert (ray / "searcher-state-S0.json").read_bytes() == b"an earlier run's"
+    # A later snapshot kept replaces this one.
+    store.keep_tune_state("S2", {"experiment_state-S2.json": b"{}"})
+    assert store.restore_tune_state() == ["experiment_state-S2.json"]
+    # ray/ holds a later run's state than the one kept (its keeping failed): left as it is.
+    (ray / "experiment_state-S3.json").write_bytes(b"{}")
+    (ray / "experiment_state-S2.json").write_bytes(b"torn")
+    assert store.restore_tune_state() == []
+    assert (ray / "experiment_state-S2.json").read_bytes() == b"torn"
+    # None kept, or one that names a file outside ray/: nothing restored.
+    store.drop_tune_state()
+    assert store.restore_tune_state() == []
+    (tmp_path / "e" / "tune-state.json").write_text(
+        json.dumps({"session": "S9", "files": {"../experiment.parquet": ""}}))
+    assert store.restore_tune_state() == []
+    assert not (tmp_path / "e" / "experiment.parquet").exists()
 
 
 def test_checkpoint_trial_files_are_read_back_torn_ones_skipped(tmp_path):
