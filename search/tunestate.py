@@ -33,8 +33,8 @@ def keep_snapshots_in(store: ExperimentStore | None) -> None:
 class _KeepsSnapshots:
     """Mixin for a Tune SearchAlgorithm: keep the snapshot once `save_to_dir` has written it.
 
-    Tune calls `save_to_dir` last in each snapshot, after the experiment state (its callbacks'
-    state comes after it, and this project's callbacks keep none)."""
+    Tune calls the search algorithm's `save_to_dir` right after it writes the experiment state;
+    only its callbacks' state comes later, and this project's callbacks keep none."""
 
     store: ClassVar[ExperimentStore | None] = None  # keep_snapshots_in
     _warned: ClassVar[bool] = False
