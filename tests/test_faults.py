@@ -270,8 +270,8 @@ def test_asha_promote_driver_killed_while_trials_wait_then_resumed(tiny_data_dir
     before, ray_dir, first = None, tmp_path / "waiting" / "ray", {}
     while proc.poll() is None and time.monotonic() < deadline:
         for path in ray_dir.glob("*state-*.json"):
-            if not path.name.startswith("experiment_state"):
-                first.setdefault(path.name, path.read_bytes())
+            if not path.name.startswith("experiment_state") and path.name not in first:
+                first[path.name] = path.read_bytes()
         if store.has_ray_state():
             epochs = store.read_epochs()
             if (epochs["epoch"] == 1).sum() >= 3:
