@@ -301,32 +301,73 @@ class ExperimentStore:
         with contextlib.suppress(OSError):
             self.fs.delete_file(_join(self.path, TUNE_STATE_FILE))
 
-    def restore_tune_state(self) -> list[str]:
-        """Put the kept snapshot's files back in ray/ over what Tune's upload left there, and
-        return their names; nothing when none is kept, when it cannot be read, or when ray/
-        holds a later session's experiment state (a snapshot that was not kept)."""
-        path = _join(self.path, TUNE_STATE_FILE)
+    def _kept_tune_state(self) -> tuple[str, dict[str, bytes]] | None:
+        """The kept snapshot (session, file name -> bytes); None when none is kept, when it
+        cannot be read, or when it names a file Tune does not write in ray/."""
         try:
-            with self.fs.open_input_stream(path) as f:
+            with self.fs.open_input_stream(_join(self.path, TUNE_STATE_FILE)) as f:
                 kept = json.loads(f.read().decode("utf-8"))
             session = str(kept["session"])
             files = {str(name): base64.b64decode(data, validate=True)
                      for name, data in kept["files"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return []
+            return None
         if any(not name or name.startswith(".") or "/" in name or "\\" in name
                for name in files):
-            return []  # not a file name Tune writes in ray/
-        sessions = [i.base_name[len("experiment_state-"):-len(".json")]
-                    for i in self.fs.get_file_info(pafs.FileSelector(
-                        _join(self.path, RAY_DIR), allow_not_found=True))
-                    if i.base_name.startswith("experiment_state-")
-                    and i.base_name.endswith(".json")]
-        if sessions and max(sessions) > session:
+            return None
+        return session, files
+
+    def _ray_sessions(self) -> list[str]:
+        """The sessions whose experiment state is in ray/ (Tune reads the newest)."""
+        selector = pafs.FileSelector(_join(self.path, RAY_DIR), allow_not_found=True)
+        return [i.base_name[len("experiment_state-"):-len(".json")]
+                for i in self.fs.get_file_info(selector)
+                if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")]
+
+    def _restorable_tune_state(self) -> tuple[str, dict[str, bytes]] | None:
+        """The kept snapshot, unless ray/ holds a later session's experiment state."""
+        kept = self._kept_tune_state()
+        if kept is None:
+            return None
+        sessions = self._ray_sessions()
+        return None if sessions and max(sessions) > kept[0] else kept
+
+    def restore_tune_state(self) -> list[str]:
+        """Put the kept snapshot's files back in ray/ over what Tune's upload left there, and
+        return their names; nothing when none is kept, when it cannot be read, or when ray/
+        holds a later session's experiment state (a snapshot that was not kept)."""
+        kept = self._restorable_tune_state()
+        if kept is None:
             return []
-        for name, data in files.items():
+        for name, data in kept[1].items():
             self._write_whole(_join(self.path, RAY_DIR, name), lambda f, d=data: f.write(d))
-        return sorted(files)
+        return sorted(kept[1])
+
+    def tune_state_problem(self) -> str | None:
+        """Why Ray Tune could not read the experiment state a --resume hands it, or None.
+
+        That is the newest `experiment_state-*.json` in ray/ once `restore_tune_state` has run:
+        the kept snapshot's where it is put back. Tune's reaction to one it cannot read is to
+        start the experiment again from nothing, in the same folder and under the same trial
+        ids as the trials on record, so --resume asks first. Only read: nothing is written."""
+        kept = self._restorable_tune_state()
+        sessions = self._ray_sessions()
+        newest = max([*sessions, *([kept[0]] if kept else [])], default=None)
+        if newest is None:
+            return None  # nothing to read: has_ray_state says so first
+        name = f"experiment_state-{newest}.json"
+        try:
+            if kept is not None and name in kept[1]:
+                data = kept[1][name]
+            else:
+                with self.fs.open_input_stream(_join(self.path, RAY_DIR, name)) as f:
+                    data = f.read()
+            state = json.loads(data.decode("utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: JSON and UTF-8 errors
+            return f"{RAY_DIR}/{name} cannot be read ({exc})"
+        if not isinstance(state, dict) or not {"runner_data", "trial_data"} <= state.keys():
+            return f"{RAY_DIR}/{name} is not a Tune experiment state (no runner_data/trial_data)"
+        return None
 
     def unwritten(self, created_at: datetime) -> ExperimentStore:
         """Where the search puts rows it could not write here (a full disk, a bucket that

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +54,7 @@ from fmnist.data import (  # noqa: E402
 )
 from results.store import (  # noqa: E402
     RAY_DIR,
+    TUNE_STATE_FILE,
     ExperimentStore,
     StoreError,
     open_root,
@@ -284,6 +285,11 @@ def resolve(argv: list[str]) -> Plan:
         if not store.has_ray_state():
             raise UsageError(f"--resume: {args.name!r} stopped before Ray Tune saved its state; "
                              "nothing to continue, start it again under a new --name")
+        if problem := store.tune_state_problem():
+            raise UsageError(f"--resume: {args.name!r} cannot be continued: {problem}, and no "
+                             f"whole copy is kept in {TUNE_STATE_FILE} (a kill while Tune wrote "
+                             "it?); its trials and epochs so far stay as they are (python -m "
+                             f"results leaderboard {store.uri()}): start a new --name")
         if holder := store.search_holder():  # two drivers would write over each other
             raise UsageError(f"--resume: {args.name!r} is being searched now by {holder}")
         searched = store.read_experiment()
@@ -923,7 +929,8 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
         handlers, tune_failed = _stop_handlers(), False
         keep_snapshots_in(plan.store)  # where the search keeps Tune's snapshots whole
         try:
-            tuner.fit()
+            with restore_or_stop(plan.store) if a.resume else contextlib.nullcontext():
+                tuner.fit()
         except (OSError, EOFError) as exc:
             # Tune's own files could not be written or read back: on a full disk it ends the
             # search building its result objects from error files left empty. What the search
@@ -997,6 +1004,39 @@ def quiet_tune() -> None:
     handler sees them)."""
     for name in (*NOT_NEWS, DELETED_ALREADY[0]):
         logging.getLogger(name).addFilter(_not_news)  # added once however often called
+
+
+# What Tune logs when it cannot read an experiment back (then starts it again from nothing).
+RESTORE_FAILED = ("ray.tune.execution.tune_controller", "Failed to restore the run state.")
+
+
+@contextlib.contextmanager
+def restore_or_stop(store: ExperimentStore) -> Iterator[None]:
+    """A --resume that Ray Tune cannot restore ends with a one-line error (UsageError).
+
+    Tune catches any error while it reads an experiment back, logs it, and starts the
+    experiment again from nothing in the same folder: new trials under the trial ids of those
+    on record (seen: a trial with none of the space's parameters, its epochs recorded under
+    the id of a finished one). `ExperimentStore.tune_state_problem` catches a torn experiment
+    state before Ray starts; this catches the rest (a searcher's state torn, a trial Tune cannot
+    rebuild) as Tune logs it, before its controller exists, so no trial runs.
+    """
+    def stop(record: logging.LogRecord) -> bool:
+        if record.getMessage() != RESTORE_FAILED[1]:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        why = (f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+               if exc is not None else "see Ray's log")
+        raise UsageError(f"--resume: Ray Tune could not restore {store.name!r} ({why}); nothing "
+                         "ran, and its trials and epochs so far stay as they are (python -m "
+                         f"results leaderboard {store.uri()}): start a new --name")
+
+    logger = logging.getLogger(RESTORE_FAILED[0])
+    logger.addFilter(stop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(stop)
 
 
 def scores_on_record(store: ExperimentStore) -> dict[str, dict[int, float]]:

@@ -68,6 +68,33 @@ def test_the_kept_tune_snapshot_replaces_a_torn_upload_unless_ray_holds_a_later_
     assert not (tmp_path / "e" / "experiment.parquet").exists()
 
 
+def test_the_experiment_state_a_resume_would_hand_tune_is_read_first(tmp_path):
+    store = ExperimentStore(str(tmp_path), "e")
+    ray = tmp_path / "e" / "ray"
+    ray.mkdir(parents=True)
+    whole = b'{"runner_data": {}, "trial_data": []}'
+    (ray / "experiment_state-S1.json").write_bytes(whole)
+    assert store.tune_state_problem() is None
+    (ray / "experiment_state-S1.json").write_bytes(whole[:5])  # a kill mid-upload
+    assert store.tune_state_problem().startswith(
+        "ray/experiment_state-S1.json cannot be read (Unterminated string")
+    # The whole copy kept is what --resume hands Tune: nothing to refuse, nothing written.
+    store.keep_tune_state("S1", {"experiment_state-S1.json": whole})
+    assert store.tune_state_problem() is None
+    assert (ray / "experiment_state-S1.json").read_bytes() == whole[:5]
+    # Tune reads the newest session's: a later one in ray/ (its keeping failed) counts.
+    (ray / "experiment_state-S2.json").write_bytes(b"\xff\xfe")
+    assert store.tune_state_problem().startswith(
+        "ray/experiment_state-S2.json cannot be read ('utf-8' codec can't decode")
+    (ray / "experiment_state-S2.json").write_bytes(b'{"trial_data": []}')
+    assert store.tune_state_problem() == (
+        "ray/experiment_state-S2.json is not a Tune experiment state (no runner_data/trial_data)")
+    # A kept snapshot later than anything uploaded yet is read from the copy.
+    store.keep_tune_state("S3", {"experiment_state-S3.json": b"[]"})
+    assert store.tune_state_problem() == (
+        "ray/experiment_state-S3.json is not a Tune experiment state (no runner_data/trial_data)")
+
+
 def test_checkpoint_trial_files_are_read_back_torn_ones_skipped(tmp_path):
     # What the recorder reads for a trial Tune forgot: the trial.json its checkpoints carry.
     ray = tmp_path / "e" / "ray"

@@ -461,6 +461,67 @@ def test_resume_from_another_folder_with_relative_space_and_data(
     assert len(store.read_trials()) == 2 and not (runs / "rel" / ".search.json").exists()
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_resume_ray_tune_cannot_restore_is_one_line_and_runs_nothing(
+        ray_session, tiny_data_dir, tiny_space, tmp_path):
+    # Tune reads an experiment back, and on any error logs it and starts the experiment again
+    # from nothing in the same folder, under the trial ids on record (seen before this test:
+    # exit 0, a trial with none of the space's parameters recorded under a finished one's id).
+    runs = tmp_path / "runs"
+    args = search_args(tiny_data_dir, tiny_space, runs, "r", "--num-samples", "2")
+    assert run.main(args, out=io.StringIO()) == 0
+    folder, again = runs / "r", ["--storage", str(runs), "--name", "r", "--resume"]
+    (folder / "tune-state.json").unlink()  # no whole copy kept (an experiment made before it)
+    whole = _files(folder)
+    [state] = (folder / "ray").glob("experiment_state-*.json")
+    [searcher] = (folder / "ray").glob("basic-variant-state-*.json")  # Tune's pickle
+
+    # A torn experiment state: refused while the command is checked, before Ray is imported.
+    state.write_bytes(whole[f"ray/{state.name}"][:1000])
+    torn = _files(folder)
+    out = run_cli(*again)
+    assert out.returncode == 2 and "NO_RAY" in out.stdout, out.stderr
+    with pytest.raises(json.JSONDecodeError) as why:
+        json.loads(state.read_bytes())
+    assert out.stderr.splitlines() == [
+        f"error: --resume: 'r' cannot be continued: ray/{state.name} cannot be read "
+        f"({why.value}), and no whole copy "
+        f"is kept in tune-state.json (a kill while Tune wrote it?); its trials and epochs so "
+        f"far stay as they are (python -m results leaderboard {folder}): start a new --name"]
+    assert _files(folder) == torn
+
+    # What only Tune can read (its searcher's pickle) torn: stopped as Tune reports it.
+    state.write_bytes(whole[f"ray/{state.name}"])
+    searcher.write_bytes(whole[f"ray/{searcher.name}"][:50])
+    torn = _files(folder)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run.main(again, out=io.StringIO()) == 2
+    assert err.getvalue().splitlines() == [
+        "error: --resume: Ray Tune could not restore 'r' (UnpicklingError: pickle data was "
+        "truncated); nothing ran, and its trials and epochs so far stay as they are (python -m "
+        f"results leaderboard {folder}): start a new --name"], err.getvalue()
+    assert _files(folder) == torn
+
+    # Whole again, it resumes (the check is gone with the command): the same two trials.
+    searcher.write_bytes(whole[f"ray/{searcher.name}"])
+    assert run.main(again, out=io.StringIO()) == 0
+    trials = ExperimentStore(str(runs), "r").read_trials()
+    assert len(trials) == 2 and trials["params_units"].notna().all()
+    assert not logging_filters_left()
+
+
+def logging_filters_left() -> list[Any]:
+    import logging
+
+    return [f for f in logging.getLogger(run.RESTORE_FAILED[0]).filters
+            if getattr(f, "__name__", "") == "stop"]
+
+
 def test_existing_experiment_needs_resume(tmp_path, tiny_data_dir, tiny_space):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     out = run_cli(*search_args(tiny_data_dir, tiny_space, tmp_path / "runs", "taken"))
