@@ -346,27 +346,31 @@ class ExperimentStore:
     def tune_state_problem(self) -> str | None:
         """Why Ray Tune could not read the experiment state a --resume hands it, or None.
 
-        That is the newest `experiment_state-*.json` in ray/ once `restore_tune_state` has run:
-        the kept snapshot's where it is put back. Tune's reaction to one it cannot read is to
+        That is the newest `experiment_state-*.json` in ray/ once `restore_tune_state` has run
+        (the kept snapshot's where it is put back). Tune's reaction to one it cannot read is to
         start the experiment again from nothing, in the same folder and under the same trial
         ids as the trials on record, so --resume asks first. Only read: nothing is written."""
-        kept = self._restorable_tune_state()
-        sessions = self._ray_sessions()
-        newest = max([*sessions, *([kept[0]] if kept else [])], default=None)
-        if newest is None:
+        kept = self._restorable_tune_state() or ("", {})
+        named = {f"experiment_state-{s}.json": "ray" for s in self._ray_sessions()}
+        named.update((name, "kept") for name in kept[1] if name.startswith("experiment_state-")
+                     and name.endswith(".json"))
+        if not named:
             return None  # nothing to read: has_ray_state says so first
-        name = f"experiment_state-{newest}.json"
+        name = max(named)
         try:
-            if kept is not None and name in kept[1]:
+            if named[name] == "kept":
                 data = kept[1][name]
             else:
                 with self.fs.open_input_stream(_join(self.path, RAY_DIR, name)) as f:
                     data = f.read()
             state = json.loads(data.decode("utf-8"))
-        except (OSError, ValueError) as exc:  # ValueError: JSON and UTF-8 errors
-            return f"{RAY_DIR}/{name} cannot be read ({exc})"
-        if not isinstance(state, dict) or not {"runner_data", "trial_data"} <= state.keys():
-            return f"{RAY_DIR}/{name} is not a Tune experiment state (no runner_data/trial_data)"
+            if not isinstance(state, dict) or not {"runner_data", "trial_data"} <= state.keys():
+                raise ValueError("not a Tune experiment state: no runner_data and trial_data")
+        except (OSError, ValueError) as exc:  # ValueError: JSON and UTF-8 errors too
+            if named[name] == "kept":
+                return f"the copy of {RAY_DIR}/{name} kept in {TUNE_STATE_FILE} is damaged ({exc})"
+            return (f"{RAY_DIR}/{name} cannot be read ({exc}; a kill while Tune wrote it?), "
+                    f"and {TUNE_STATE_FILE} keeps no whole copy of it")
         return None
 
     def unwritten(self, created_at: datetime) -> ExperimentStore:

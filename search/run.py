@@ -54,7 +54,6 @@ from fmnist.data import (  # noqa: E402
 )
 from results.store import (  # noqa: E402
     RAY_DIR,
-    TUNE_STATE_FILE,
     ExperimentStore,
     StoreError,
     open_root,
@@ -286,10 +285,9 @@ def resolve(argv: list[str]) -> Plan:
             raise UsageError(f"--resume: {args.name!r} stopped before Ray Tune saved its state; "
                              "nothing to continue, start it again under a new --name")
         if problem := store.tune_state_problem():
-            raise UsageError(f"--resume: {args.name!r} cannot be continued: {problem}, and no "
-                             f"whole copy is kept in {TUNE_STATE_FILE} (a kill while Tune wrote "
-                             "it?); its trials and epochs so far stay as they are (python -m "
-                             f"results leaderboard {store.uri()}): start a new --name")
+            raise UsageError(f"--resume: {args.name!r} cannot be continued: {problem}; its "
+                             "trials and epochs so far stay as they are (python -m results "
+                             f"leaderboard {store.uri()}): start a new --name")
         if holder := store.search_holder():  # two drivers would write over each other
             raise UsageError(f"--resume: {args.name!r} is being searched now by {holder}")
         searched = store.read_experiment()

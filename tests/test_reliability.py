@@ -88,11 +88,18 @@ def test_the_experiment_state_a_resume_would_hand_tune_is_read_first(tmp_path):
         "ray/experiment_state-S2.json cannot be read ('utf-8' codec can't decode")
     (ray / "experiment_state-S2.json").write_bytes(b'{"trial_data": []}')
     assert store.tune_state_problem() == (
-        "ray/experiment_state-S2.json is not a Tune experiment state (no runner_data/trial_data)")
-    # A kept snapshot later than anything uploaded yet is read from the copy.
+        "ray/experiment_state-S2.json cannot be read (not a Tune experiment state: no "
+        "runner_data and trial_data; a kill while Tune wrote it?), and tune-state.json keeps no "
+        "whole copy of it")
+    # A kept snapshot later than anything uploaded yet is read from the copy...
     store.keep_tune_state("S3", {"experiment_state-S3.json": b"[]"})
     assert store.tune_state_problem() == (
-        "ray/experiment_state-S3.json is not a Tune experiment state (no runner_data/trial_data)")
+        "the copy of ray/experiment_state-S3.json kept in tune-state.json is damaged (not a "
+        "Tune experiment state: no runner_data and trial_data)")
+    # ... one without an experiment state leaves Tune the newest in ray/.
+    store.keep_tune_state("S4", {"search_gen_state-S4.json": b"pickle"})
+    (ray / "experiment_state-S2.json").write_bytes(whole)
+    assert store.tune_state_problem() is None
 
 
 def test_checkpoint_trial_files_are_read_back_torn_ones_skipped(tmp_path):

@@ -489,9 +489,9 @@ def test_a_resume_ray_tune_cannot_restore_is_one_line_and_runs_nothing(
         json.loads(state.read_bytes())
     assert out.stderr.splitlines() == [
         f"error: --resume: 'r' cannot be continued: ray/{state.name} cannot be read "
-        f"({why.value}), and no whole copy "
-        f"is kept in tune-state.json (a kill while Tune wrote it?); its trials and epochs so "
-        f"far stay as they are (python -m results leaderboard {folder}): start a new --name"]
+        f"({why.value}; a kill while Tune wrote it?), and tune-state.json keeps no whole copy "
+        f"of it; its trials and epochs so far stay as they are (python -m results leaderboard "
+        f"{folder}): start a new --name"]
     assert _files(folder) == torn
 
     # What only Tune can read (its searcher's pickle) torn: stopped as Tune reports it.
