@@ -235,7 +235,7 @@ class ExperimentStore:
 
     def has_ray_state(self) -> bool:
         """True once Ray Tune has snapshotted its experiment state (needed to resume)."""
-        return any(i.base_name.startswith("experiment_state") for i in self._list(RAY_DIR))
+        return bool(self._ray_sessions())
 
     def folder_exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
@@ -324,19 +324,19 @@ class ExperimentStore:
                 for i in self.fs.get_file_info(selector)
                 if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")]
 
-    def _restorable_tune_state(self) -> tuple[str, dict[str, bytes]] | None:
-        """The kept snapshot, unless ray/ holds a later session's experiment state."""
+    def _restorable_tune_state(self, sessions: list[str]) -> tuple[str, dict[str, bytes]] | None:
+        """The kept snapshot, unless ray/ holds a later session's experiment state than it
+        (`sessions`: `_ray_sessions()`)."""
         kept = self._kept_tune_state()
         if kept is None:
             return None
-        sessions = self._ray_sessions()
         return None if sessions and max(sessions) > kept[0] else kept
 
     def restore_tune_state(self) -> list[str]:
         """Put the kept snapshot's files back in ray/ over what Tune's upload left there, and
         return their names; nothing when none is kept, when it cannot be read, or when ray/
         holds a later session's experiment state (a snapshot that was not kept)."""
-        kept = self._restorable_tune_state()
+        kept = self._restorable_tune_state(self._ray_sessions())
         if kept is None:
             return []
         for name, data in kept[1].items():
@@ -350,8 +350,9 @@ class ExperimentStore:
         (the kept snapshot's where it is put back). Tune's reaction to one it cannot read is to
         start the experiment again from nothing, in the same folder and under the same trial
         ids as the trials on record, so --resume asks first. Only read: nothing is written."""
-        kept = self._restorable_tune_state() or ("", {})
-        named = {f"experiment_state-{s}.json": "ray" for s in self._ray_sessions()}
+        sessions = self._ray_sessions()
+        kept = self._restorable_tune_state(sessions) or ("", {})
+        named = {f"experiment_state-{s}.json": "ray" for s in sessions}
         named.update((name, "kept") for name in kept[1] if name.startswith("experiment_state-")
                      and name.endswith(".json"))
         if not named:

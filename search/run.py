@@ -285,9 +285,8 @@ def resolve(argv: list[str]) -> Plan:
             raise UsageError(f"--resume: {args.name!r} stopped before Ray Tune saved its state; "
                              "nothing to continue, start it again under a new --name")
         if problem := store.tune_state_problem():
-            raise UsageError(f"--resume: {args.name!r} cannot be continued: {problem}; its "
-                             "trials and epochs so far stay as they are (python -m results "
-                             f"leaderboard {store.uri()}): start a new --name")
+            raise UsageError(f"--resume: {args.name!r} cannot be continued: {problem}; "
+                             f"{left_as_is(store)}")
         if holder := store.search_holder():  # two drivers would write over each other
             raise UsageError(f"--resume: {args.name!r} is being searched now by {holder}")
         searched = store.read_experiment()
@@ -1004,6 +1003,12 @@ def quiet_tune() -> None:
         logging.getLogger(name).addFilter(_not_news)  # added once however often called
 
 
+def left_as_is(store: ExperimentStore) -> str:
+    """The end of a --resume refused for Tune's state: what is kept and what to do."""
+    return (f"its trials and epochs so far stay as they are (python -m results leaderboard "
+            f"{store.uri()}): start a new --name")
+
+
 # What Tune logs when it cannot read an experiment back (then starts it again from nothing).
 RESTORE_FAILED = ("ray.tune.execution.tune_controller", "Failed to restore the run state.")
 
@@ -1026,8 +1031,7 @@ def restore_or_stop(store: ExperimentStore) -> Iterator[None]:
         why = (f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
                if exc is not None else "see Ray's log")
         raise UsageError(f"--resume: Ray Tune could not restore {store.name!r} ({why}); nothing "
-                         "ran, and its trials and epochs so far stay as they are (python -m "
-                         f"results leaderboard {store.uri()}): start a new --name")
+                         f"ran, and {left_as_is(store)}")
 
     logger = logging.getLogger(RESTORE_FAILED[0])
     logger.addFilter(stop)
