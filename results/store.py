@@ -46,6 +46,7 @@ RAY_DIR = "ray"
 # ray/ itself: Tune copies ray/ to the driver at --resume and back up at every snapshot, which
 # would put the copy it took over each newer one.
 TUNE_STATE_FILE = "tune-state.json"
+KEEP_SLICE = 3 << 20  # bytes base64-encoded at a time; a multiple of 3, so slices join
 TMP_SUFFIX = ".tmp"
 QUARANTINE_DIR = "_corrupt"
 
@@ -290,11 +291,24 @@ class ExperimentStore:
 
     def keep_tune_state(self, session: str, files: Mapping[str, bytes]) -> None:
         """Write Ray Tune's snapshot of one session (file name -> bytes) as TUNE_STATE_FILE,
-        whole; it replaces the one kept before."""
-        text = json.dumps({"session": session, "files": {
-            name: base64.b64encode(data).decode("ascii") for name, data in files.items()}})
-        self._write_whole(_join(self.path, TUNE_STATE_FILE),
-                          lambda f: f.write(text.encode("utf-8")))
+        whole; it replaces the one kept before.
+
+        The file is JSON, {"session": ..., "files": {name: base64}}, written a slice of base64
+        at a time: Tune's experiment state is about 23 KB a trial here, and building the whole
+        text first held four more copies of it (at 5,000 trials, 112 MB: 1.1-1.3 s and a
+        661 MB peak in a process holding the state, against 0.5 s and 225 MB)."""
+
+        def write(f: Any) -> None:
+            f.write(f'{{"session": {json.dumps(session)}, "files": {{'.encode())
+            for i, (name, data) in enumerate(files.items()):
+                f.write(f'{", " if i else ""}{json.dumps(name)}: "'.encode())
+                view = memoryview(data)
+                for start in range(0, len(view), KEEP_SLICE):  # base64 has nothing to escape
+                    f.write(base64.b64encode(view[start:start + KEEP_SLICE]))
+                f.write(b'"')
+            f.write(b"}}")
+
+        self._write_whole(_join(self.path, TUNE_STATE_FILE), write)
 
     def drop_tune_state(self) -> None:
         """Remove the kept snapshot (one that could not be replaced must not be restored)."""

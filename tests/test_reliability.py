@@ -1,5 +1,6 @@
 """Torn writes and bad data files: nothing half-written is read, nothing starts on bad data."""
 
+import base64
 import gzip
 import json
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from fmnist.data import write_idx
-from results.store import ExperimentStore, StoreError
+from results.store import KEEP_SLICE, ExperimentStore, StoreError
 from tests.conftest import REPO, search_args, write_dataset
 
 
@@ -66,6 +67,23 @@ def test_the_kept_tune_snapshot_replaces_a_torn_upload_unless_ray_holds_a_later_
         json.dumps({"session": "S9", "files": {"../experiment.parquet": ""}}))
     assert store.restore_tune_state() == []
     assert not (tmp_path / "e" / "experiment.parquet").exists()
+
+
+def test_the_kept_snapshot_is_written_in_slices_as_the_json_it_always_was(tmp_path):
+    # Written a slice of base64 at a time (not built whole in memory first): a file longer
+    # than a slice, of a length that is no multiple of 3, comes back byte for byte, and the
+    # kept file is the JSON that building it whole gave, so snapshots kept before still read.
+    store = ExperimentStore(str(tmp_path), "e")
+    rng = np.random.default_rng(0)
+    files = {"experiment_state-S1.json": rng.bytes(2 * KEEP_SLICE + 7),
+             "search_gen_state-S1.json": b"", "searcher-state-S1.json": b'{"x": "\\u00e9"}'}
+    store.keep_tune_state("S1", files)
+    kept = (tmp_path / "e" / "tune-state.json").read_bytes()
+    assert kept == json.dumps({"session": "S1", "files": {
+        name: base64.b64encode(data).decode("ascii") for name, data in files.items()}}).encode()
+    (tmp_path / "e" / "ray").mkdir()
+    assert store.restore_tune_state() == sorted(files)
+    assert {name: (tmp_path / "e" / "ray" / name).read_bytes() for name in files} == files
 
 
 def test_the_experiment_state_a_resume_would_hand_tune_is_read_first(tmp_path):
