@@ -847,6 +847,7 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
     from search.schedulers import OnRecord
     from search.spaces import to_tune
     from search.trainable import FMNISTTrainable
+    from search.tunelogs import tune_loggers
     from search.tunestate import keep_snapshots_in
 
     a = plan.args
@@ -908,7 +909,8 @@ def run_search(plan: Plan, out=None, trainable_cls: type | None = None) -> int:
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
-                    name="ray", storage_path=plan.store.uri(), callbacks=[recorder],
+                    name="ray", storage_path=plan.store.uri(),
+                    callbacks=[recorder, *tune_loggers()],
                     stop={"training_iteration": a.max_epochs},
                     checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1,
                                                             num_to_keep=2),

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -1153,15 +1154,53 @@ def test_the_median_rule_weighs_a_stopped_trials_last_epoch_once(monkeypatch):
     assert sched.on_trial_result(_NoneWaiting(), trials["x"], _result(2, 0.2)) == "STOP"
 
 
+TUNE_LOGS = ("result.json", "progress.csv", "events.out.tfevents.")
+
+
+def trials_writing_tune_logs() -> set[str]:
+    """The trials whose Tune logs this process holds open for writing: the files Tune's
+    loggers write in the driver's staging folder (`.../driver_artifacts/<trial>/`). Tune's
+    uploads of that folder read it (and write --storage), so they are not counted."""
+    trials = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            target = Path(os.readlink(fd))
+            if target.name.startswith(TUNE_LOGS) and target.parent.parent.name == \
+                    "driver_artifacts":
+                flags = Path(f"/proc/self/fdinfo/{fd.name}").read_text().split("flags:")[1]
+                if int(flags.split()[0], 8) & os.O_ACCMODE != os.O_RDONLY:
+                    trials.add(target.parent.name)
+    return trials
+
+
+class OpenTuneLogs(threading.Thread):
+    """Every 20 ms, how many trials have Tune logs open for writing in this process (the
+    search runs in it); `most` is the highest count seen."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.most, self.done = 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            self.most = max(self.most, len(trials_writing_tune_logs()))
+
+
 @pytest.mark.parametrize("searcher", ["random", "optuna", "tpe-rungs"])
 def test_asha_promote_pauses_at_rungs_and_resumes_the_best(ray_session, tiny_data_dir,
                                                            tiny_space, tmp_path, searcher):
     # 6 configs, 9 epochs, factor 3: rungs at epochs 1 and 3. Each trial ends at a rung or at 9.
     name = f"promote-{searcher}"
     out = io.StringIO()
-    code = run.main(search_args(tiny_data_dir, tiny_space, tmp_path, name, "--scheduler",
-                                "asha-promote", "--searcher", searcher, "--num-samples", "6",
-                                "--max-epochs", "9", "--seed", "3"), out=out)
+    logs = OpenTuneLogs()
+    logs.start()
+    try:
+        code = run.main(search_args(tiny_data_dir, tiny_space, tmp_path, name, "--scheduler",
+                                    "asha-promote", "--searcher", searcher, "--num-samples",
+                                    "6", "--max-epochs", "9", "--seed", "3"), out=out)
+    finally:
+        logs.done.set()
+        logs.join()
     assert code == 0, out.getvalue()
     store = ExperimentStore(str(tmp_path), name)
     trials, raw = store.read_trials(), store.read_epochs(canonical=False)
@@ -1189,6 +1228,14 @@ def test_asha_promote_pauses_at_rungs_and_resumes_the_best(ray_session, tiny_dat
     # A trial that waited and was promoted resumed from its checkpoint (a new attempt).
     resumed = raw[(raw["epoch"] > 1) & (raw["attempt"] >= 1)]
     assert not resumed.empty
+    # Tune's logs (3 files a trial) were open for the trials that ran, 2 at a time, and for
+    # at most one that had just paused (its files close at the end of the step of Tune's loop
+    # in which it paused, where the trial taking its worker may have started), not for those
+    # that waited: the trials stopped at a rung all waited there, paused, until the end, and
+    # Tune's own loggers kept their files open all that while (all 6 trials' here; a
+    # 400-config search ran out of file descriptors under `ulimit -n` 1024).
+    assert (trials["status"] == "stopped").sum() >= 4
+    assert 1 <= logs.most <= 2 + 1, logs.most
     if searcher == "tpe-rungs":  # it saw every trial's rung result; its state is plain JSON
         (state_file,) = (tmp_path / name / "ray").glob("searcher-state-*.json")
         seen = json.loads(state_file.read_text())["seen"]
