@@ -11,10 +11,11 @@ ends, so these add up: a 400-config search of a tiny space (two trials at a time
 1,314 descriptors and 547 threads in the driver at most; with these loggers, 54 and 40.
 
 These are Tune's three callbacks, closing a trial's files as soon as it waits (paused, or
-pending again). When the trial starts again Tune opens them again, as it always did: its
-`on_trial_start` closes a trial's files and reopens them (appending) on every start, resumes
-included. The one thing the TensorBoard writer does at a trial's end, logging its
-hyperparameters with its last result, still happens for a trial stopped while it waited.
+pending again), and, when the search ends, those of trials that never ended. When the trial
+starts again Tune opens them again, as it always did: its `on_trial_start` closes a trial's
+files and reopens them (appending) on every start, resumes included. The one thing the
+TensorBoard writer does at a trial's end, logging its hyperparameters with its last result,
+still happens for a trial stopped while it waited.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ class _ClosesWaiting:
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         super().on_step_end(iteration, trials, **info)  # type: ignore[misc]
         for trial in [t for t in self._open() if t.status in WAITING]:
+            self._close(trial)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        """Close the files of the trials that never ended (running when a time budget or a
+        Ctrl+C ended the search): Tune's loggers left them open for as long as the process
+        lived, which in a notebook or any caller that goes on is a leak per search."""
+        super().on_experiment_end(trials, **info)  # type: ignore[misc]
+        for trial in list(self._open()):
             self._close(trial)
 
 
