@@ -33,12 +33,14 @@ class _ClosesWaiting:
     the trials that wait."""
 
     def _open(self) -> dict:
-        """The callback's open files (or writers), by trial."""
-        raise NotImplementedError
+        """The callback's open files (or writers), by trial: the JSON and CSV loggers'."""
+        return self._trial_files  # type: ignore[attr-defined]
 
     def _close(self, trial: Trial) -> None:
-        """Close `trial`'s files and forget them; the next result or start opens them."""
-        raise NotImplementedError
+        """Close `trial`'s files and forget them; the next result or start opens them. The
+        JSON and CSV loggers' own end does only that (reopened, the CSV gets no second
+        header)."""
+        self.log_trial_end(trial)  # type: ignore[attr-defined]
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         super().on_step_end(iteration, trials, **info)  # type: ignore[misc]
@@ -57,21 +59,9 @@ class _ClosesWaiting:
 class ResultJsonLogger(_ClosesWaiting, JsonLoggerCallback):
     """Tune's `result.json` writer (the epochs `--resume` recovers from it read it)."""
 
-    def _open(self) -> dict:
-        return self._trial_files
-
-    def _close(self, trial: Trial) -> None:
-        JsonLoggerCallback.log_trial_end(self, trial)  # closes the file, nothing else
-
 
 class ProgressCsvLogger(_ClosesWaiting, CSVLoggerCallback):
     """Tune's `progress.csv` writer."""
-
-    def _open(self) -> dict:
-        return self._trial_files
-
-    def _close(self, trial: Trial) -> None:
-        CSVLoggerCallback.log_trial_end(self, trial)  # reopened, it writes no second header
 
 
 class TensorBoardLogger(_ClosesWaiting, TBXLoggerCallback):
