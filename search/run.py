@@ -612,9 +612,17 @@ def start_ray(args: argparse.Namespace) -> bool:
             first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
             raise UsageError(f"--address {args.address}: {first.strip()}") from exc
     else:
-        # Dashboard off and everything on loopback: nothing listens beyond this machine.
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", _system_config=EMBEDDED_RAY_CONFIG, **common)
+        from search.sigterm import children_ignore_sigterm, kill_at_once
+
+        # Ray's processes leave SIGTERM to this one, as they leave it SIGINT: a SIGTERM sent
+        # to the whole job (Slurm, systemd, `timeout`) ends the search as Ctrl+C does.
+        with children_ignore_sigterm() as ignored:
+            # Dashboard off and everything on loopback: nothing listens beyond this machine.
+            ray.init(include_dashboard=False, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1", _system_config=EMBEDDED_RAY_CONFIG,
+                     **common)
+            if ignored:  # before a SIGTERM that came meanwhile is acted on
+                kill_at_once(ray._private.worker._global_node)
     return True
 
 
@@ -624,8 +632,9 @@ def stop_ray() -> None:
     Ray stops the GCS before the autoscaler's monitor, whose SIGTERM handler then tries to
     tell the GCS it failed and blocks until Ray kills it a second later (1.0 of the 1.35 s a
     shutdown took here). A local Ray has nothing for that monitor to scale or report, so it
-    is killed first, and Ray stops the rest as it always does. Where Ray's internals differ
-    (another version), the plain shutdown runs.
+    is killed first, and Ray stops the rest as it always does (with SIGKILL, at once, where
+    its processes ignore SIGTERM: search/sigterm.py). Where Ray's internals differ (another
+    version), the plain shutdown runs.
     """
     import ray
 

@@ -83,6 +83,36 @@ def driver_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 
 
+def processes_under(pid: int) -> dict[int, str]:
+    """Every live process below `pid` (its children, theirs, ...), read from /proc: pid ->
+    what it calls itself (Ray's set titles such as `ray::IDLE`)."""
+    parent, title = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")[0].decode().strip()
+            except (OSError, ValueError):  # ended meanwhile
+                continue
+            if state != "Z":  # a zombie has ended; only its exit status waits to be read
+                parent[int(entry.name)], title[int(entry.name)] = int(ppid), cmd
+    below, todo = {}, [pid]
+    while todo:
+        top = todo.pop()
+        for child in [p for p, pp in parent.items() if pp == top and p not in below]:
+            below[child] = title[child]
+            todo.append(child)
+    return below
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def make_images(labels: np.ndarray, seed: int, marker: int | None = None) -> np.ndarray:
     """Learnable synthetic images: class c lights up row band c; noise on top.
 

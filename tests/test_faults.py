@@ -6,6 +6,7 @@ section: every trial ends with a terminal row, the canonical epochs view has eve
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -23,7 +24,7 @@ import pytest
 from results.store import ExperimentStore
 from search import run
 from search.trainable import FMNISTTrainable
-from tests.conftest import REPO, driver_cmd, driver_env, search_args
+from tests.conftest import REPO, alive, driver_cmd, driver_env, processes_under, search_args
 
 
 def _full_keys(trials, epochs_per_trial: int) -> list[tuple[str, int]]:
@@ -367,12 +368,15 @@ def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
     assert len(epochs) == 5 and not list((tmp_path / "forgot").rglob("*.tmp"))
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigterm-all"])
 def test_ctrl_c_or_sigterm_records_trials_as_interrupted_then_resume_finishes_them(
         tiny_data_dir, tiny_space, tmp_path, how):
     # Ctrl+C sends SIGINT to the whole foreground process group; `kill`, `docker stop` or
     # Kubernetes send SIGTERM to the driver. Tune saves its state and ends the search as it does
-    # when the time budget runs out; the rows must say which it was.
+    # when the time budget runs out; the rows must say which it was. Slurm (scancel, a time
+    # limit), systemd and `timeout` send SIGTERM to every process of the job at once, Ray's
+    # included ("sigterm-all"): it ended the driver with exit 1 and no rows, as Ray's processes
+    # went and took the driver with them.
     argv = search_args(tiny_data_dir, tiny_space, tmp_path, "ctrl-c", "--num-samples", "3",
                        "--max-epochs", "3", "--scheduler", "fifo", "--seed", "2")
     proc = subprocess.Popen(driver_cmd(tmp_path, "slow", argv), cwd=REPO, env=driver_env(),
@@ -383,12 +387,19 @@ def test_ctrl_c_or_sigterm_records_trials_as_interrupted_then_resume_finishes_th
     while proc.poll() is None and time.monotonic() < deadline and store.read_epochs().empty:
         time.sleep(0.3)
     assert proc.poll() is None, proc.stderr.read()[-3000:]
+    search = processes_under(proc.pid)  # Ray's processes, its workers and agents
+    assert any("Trainable" in title for title in search.values()), sorted(search.values())
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
-    else:
+    elif how == "sigterm":
         os.kill(proc.pid, signal.SIGTERM)
+    else:
+        for pid in [proc.pid, *search]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
+    assert not [title for pid, title in search.items() if alive(pid)]  # all stopped after
     assert f"--resume --name ctrl-c --storage {tmp_path}" in err
     trials, epochs = store.read_trials(), store.read_epochs()
     cut = trials[trials["status"] != "completed"]  # a trial may have finished before the signal
@@ -396,6 +407,8 @@ def test_ctrl_c_or_sigterm_records_trials_as_interrupted_then_resume_finishes_th
     assert cut["stop_reason"].str.endswith("; --resume continues it").all()
     assert (cut["epochs"] < 3).all() and "interrupted" in out  # the report's status line
     assert set(epochs["trial_id"]) <= set(trials["trial_id"])
+    if how == "sigterm-all":  # what follows is the same as after Ctrl+C
+        return
     storage = tmp_path
     if how == "sigterm":  # and the experiment moves before --resume, to another --storage
         storage = tmp_path / "moved"

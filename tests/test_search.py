@@ -27,7 +27,7 @@ from results.store import EPOCH_SCHEMA, TRIAL_COLUMNS, ExperimentStore
 from search import run
 from search.spaces import load_space
 from search.trainable import FMNISTTrainable
-from tests.conftest import REPO, run_cli, search_args, write_dataset
+from tests.conftest import REPO, alive, processes_under, run_cli, search_args, write_dataset
 
 # Every searcher meets every scheduler that stops or pauses trials; fifo, which only lets
 # them complete (as the others do with their best trials), meets Tune's BasicVariantGenerator:
@@ -869,12 +869,22 @@ def child_titles(pid: int) -> set[str]:
     return titles
 
 
+def sigterm_blocked(pid: int) -> bool:
+    """Whether process `pid` has SIGTERM blocked (its SigBlk mask in /proc)."""
+    for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    raise AssertionError(f"no SigBlk for {pid}")
+
+
 def test_the_embedded_ray_starts_no_idle_workers_and_stops_its_monitor_first_and_all(
         no_ray_running, tiny_data_dir, tiny_space, tmp_path, monkeypatch):
     # Ray stops the GCS first, and its autoscaler monitor then waits on it for a second before
     # Ray kills it: stop_ray ends the monitor before Ray's own shutdown starts. That path uses
     # Ray's internals, so this checks it still runs on the Ray installed (it falls back to the
-    # plain shutdown silently) and that nothing the embedded Ray started outlives it.
+    # plain shutdown silently) and that nothing the embedded Ray started outlives it. Its
+    # processes leave SIGTERM to the driver (search/sigterm.py), so Ray stops them with SIGKILL,
+    # and the raylet's agents, which outlived a killed raylet, go too.
     import ray
     from ray._private import ray_constants
 
@@ -888,6 +898,11 @@ def test_the_embedded_ray_starts_no_idle_workers_and_stops_its_monitor_first_and
     # With Ray's default, two `ray::IDLE` workers are already there when ray.init returns.
     raylet = started[ray_constants.PROCESS_TYPE_RAYLET][0].pid
     assert child_titles(raylet) == {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+    below = {p.pid: kind for kind, procs in started.items() for p in procs}
+    for pid in list(below):  # and what they started: the raylet's agents
+        below.update(processes_under(pid))
+    assert len(below) >= 5 and all(sigterm_blocked(pid) for pid in below), below
+    assert not sigterm_blocked(os.getpid())  # the driver acts on it
     seen = {}
     real_shutdown = ray.shutdown
 
@@ -901,6 +916,7 @@ def test_the_embedded_ray_starts_no_idle_workers_and_stops_its_monitor_first_and
     assert not ray.is_initialized()
     left = {kind: [p.pid for p in procs if p.poll() is None] for kind, procs in started.items()}
     assert not any(left.values()), left
+    assert not [title for pid, title in below.items() if alive(pid)]
 
 
 @pytest.mark.parametrize("flags, resources, problem", [
