@@ -8,8 +8,12 @@ TensorFlow prints its start-up lines on import: a mistake is one `error:` line a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -128,6 +132,31 @@ def prepare(argv: list[str], prog: str = "python -m fmnist.train") -> Prepared |
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return Prepared(cfg, data, args.save, args.resume)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """In the block, SIGTERM stops the command as Ctrl+C does (KeyboardInterrupt).
+
+    SIGTERM is what `kill`, `docker stop`, Kubernetes, Slurm (scancel, a time limit) and systemd
+    send; by default it ends the process at once, without the `--resume` line Ctrl+C prints
+    or the clean-up it runs. A second SIGTERM ends the process at once. Only from the main
+    thread (where Python runs signal handlers), and not where SIGTERM is ignored.
+    """
+    before = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or before is signal.SIG_IGN:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 def main(argv: list[str] | None = None) -> int:

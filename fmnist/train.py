@@ -29,7 +29,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from fmnist.cli import RESUME_MAY_CHANGE, Prepared, prepare, resumed_config  # noqa: E402,F401
+from fmnist.cli import (  # noqa: E402,F401
+    RESUME_MAY_CHANGE,
+    Prepared,
+    prepare,
+    resumed_config,
+    sigterm_as_ctrl_c,
+)
 from fmnist.config import (  # noqa: E402,F401
     METRIC,
     MODE,
@@ -397,9 +403,10 @@ def run_prepared(prepared: Prepared) -> int:
               f"{m['train_samples_per_s']:.0f} img/s", flush=True)
 
     try:
-        run = train(cfg, data, on_epoch_end=show, checkpoint_dir=prepared.save,
-                    resume_from=prepared.resume)
-    except KeyboardInterrupt:  # Ctrl+C: the epochs above are what it trained
+        with sigterm_as_ctrl_c():
+            run = train(cfg, data, on_epoch_end=show, checkpoint_dir=prepared.save,
+                        resume_from=prepared.resume)
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM: the epochs above are what it trained
         again = (f"; --resume {prepared.save} continues from its last checkpoint"
                  if prepared.save else "")
         print(f"interrupted{again}", file=sys.stderr)

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from fmnist.cli import sigterm_as_ctrl_c
 from fmnist.config import PRECISIONS, keras_backend_problem
 from fmnist.data import DataError, folder_problem
 from results import leaderboard as lb
@@ -79,8 +80,10 @@ def main(argv: list[str] | None = None, out=None) -> int:
             from results.final import FinalError, run_final
 
             try:
-                run_final(args.run, args.trial, args.top, args.seeds, args.data_dir, out=out,
-                          argv=argv, precision=args.precision, test_dir=args.test_dir)
+                with sigterm_as_ctrl_c():  # it retrains: minutes, hours with --full's sizes
+                    run_final(args.run, args.trial, args.top, args.seeds, args.data_dir,
+                              out=out, argv=argv, precision=args.precision,
+                              test_dir=args.test_dir)
             except FinalError as exc:
                 raise UsageError(str(exc)) from None
             return 0
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None, out=None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {os_reason(exc)}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl+C: what it had written stays (final: see its claim rule)
+    except KeyboardInterrupt:  # Ctrl+C (final: SIGTERM too): what it had written stays (final:
+        # see its claim rule)
         print("interrupted", file=sys.stderr)
         return 130
 

@@ -1,8 +1,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -327,6 +329,57 @@ def test_cli_trains_and_saves(tiny_data_dir, tmp_path):
     lines = [line for line in out.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 1 and lines[0].startswith("epoch   3 ")
     assert "\nparams 13,002," in out.stdout  # the same 16-unit mlp, not the default 256
+
+
+def test_sigterm_stops_training_as_ctrl_c_does_and_its_checkpoint_resumes(tiny_data_dir,
+                                                                          tmp_path):
+    # `kill`, `docker stop`, Slurm's time limit: before, SIGTERM ended the process at once,
+    # without the --resume line or Keras' end of the epoch
+    save = tmp_path / "m"
+    argv = [sys.executable, "-m", "fmnist.train", "--data-dir", str(tiny_data_dir), "--model",
+            "mlp", "--units", "8", "--epochs", "1000", "--val-size", "100", "--train-size",
+            "200", "--save", str(save)]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not (save / "state.json").exists() and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err == f"interrupted; --resume {save} continues from its last checkpoint\n"
+    trained = [line for line in out.splitlines() if line.startswith("epoch")]
+    last = json.loads((save / "state.json").read_text())["epoch"]
+    assert 1 <= last <= len(trained) < 1000
+    out = subprocess.run(
+        [sys.executable, "-m", "fmnist.train", "--data-dir", str(tiny_data_dir), "--epochs",
+         str(last + 1), "--val-size", "100", "--train-size", "200", "--resume", str(save)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 1 and lines[0].startswith(f"epoch {last + 1:3d} ")
+
+
+def test_sigterm_as_ctrl_c_raises_keyboard_interrupt_inside_and_puts_the_handler_back():
+    from fmnist.cli import sigterm_as_ctrl_c
+
+    def mine(signum, frame):
+        raise AssertionError("the handler before is not called inside")
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at once; this is never reached
+        assert signal.getsignal(signal.SIGTERM) is mine
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ignored (nohup-like): left ignored
+        with sigterm_as_ctrl_c():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _checkpoint(folder, epoch, **config):
