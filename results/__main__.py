@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None, out=None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {os_reason(exc)}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl+C (final: SIGTERM too): what it had written stays (final:
-        # see its claim rule)
+    except KeyboardInterrupt:  # Ctrl+C (or a final's SIGTERM): what it wrote stays (final: its
+        # claim rule)
         print("interrupted", file=sys.stderr)
         return 130
 
