@@ -24,6 +24,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -47,14 +48,21 @@ def children_ignore_sigterm() -> Iterator[bool]:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of a process, or None if it is gone."""
+def _stat(pid: int) -> tuple[int, int, bool] | None:
+    """(parent pid, start time in clock ticks, whether it has ended) of a process, or None if
+    it is gone. An ended process (a zombie) stays until its parent, or init, collects it."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (name)"
     except (OSError, IndexError):
         return None
-    return int(fields[1]), int(fields[19])
+    return int(fields[1]), int(fields[19]), fields[0] in (b"Z", b"X")
+
+
+def _same(pid: int, started: int) -> bool:
+    """Whether the process `pid` that started at `started` still runs."""
+    stat = _stat(pid)
+    return stat is not None and stat[1] == started and not stat[2]
 
 
 def processes_under(roots: Iterable[int]) -> dict[int, int]:
@@ -93,9 +101,14 @@ def kill_at_once(node: Any) -> None:
         below = processes_under(roots)
         ray_kill_all(check_alive=check_alive, allow_graceful=False, **more)
         for pid, started in below.items():
-            stat = _stat(pid)
-            if stat is not None and stat[1] == started:  # the same process, not a reused pid
+            if _same(pid, started):  # not a pid reused since
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+        # SIGKILL is delivered, not waited for: a killed process runs on for a moment. Return
+        # when they have all ended, so that nothing of this Ray runs after it (5 s at most).
+        deadline = time.monotonic() + 5
+        while any(_same(pid, started) for pid, started in below.items()) and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
 
     node.kill_all_processes = kill_all_processes
