@@ -2,11 +2,8 @@
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -392,20 +389,3 @@ def test_analysis_and_training_code_never_import_ray():
                          text=True, timeout=120)
     assert out.returncode == 0, "ray was imported: " + out.stderr[-500:]
 
-
-def test_final_stopped_by_sigterm_ends_as_ctrl_c_does(two, monkeypatch, capsys):
-    # Slurm's time limit, `docker stop`: the retraining gets KeyboardInterrupt, as from Ctrl+C
-    # (its claim on the final/ folder is let go on the way out, test_reliability.py), and the
-    # command says so and exits 130; before, SIGTERM ended the process where it stood.
-    import results.final  # Keras: imported by this test only
-
-    def run_final(*args, **kwargs):  # the retraining, cut short by a SIGTERM
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
-        raise AssertionError("not stopped")
-
-    monkeypatch.setattr(results.final, "run_final", run_final)
-    before = signal.getsignal(signal.SIGTERM)
-    assert results_main(["final", str(two[0] / "exp-a")]) == 130
-    assert capsys.readouterr().err == "interrupted\n"
-    assert signal.getsignal(signal.SIGTERM) is before

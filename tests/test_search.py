@@ -613,8 +613,21 @@ def test_tiny_search_then_final_writes_every_artifact(ray_session, tiny_data_dir
     assert ("no bfloat16 instructions" in out.getvalue()) == slow
 
 
+class SigtermAtFirstEpoch(io.StringIO):
+    """An output that sends this process SIGTERM when the first epoch line is written to it."""
+
+    sent = False
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if not self.sent and text.lstrip().startswith("epoch "):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return written
+
+
 def test_final_retrains_a_stopped_trial_as_the_search_trained_it(ray_session, tiny_data_dir,
-                                                                  tiny_space, tmp_path):
+                                                                  tiny_space, tmp_path, capsys):
     # Hyperband with max_t 4 and factor 3 (the plan's "2x4 | 3x1 -> 1x3"): of configs 3-5, the
     # best after epoch 1 runs to epoch 3 and is stopped there, 1 short of its cosine schedule.
     from results.__main__ import main as results_main
@@ -633,6 +646,15 @@ def test_final_retrains_a_stopped_trial_as_the_search_trained_it(ray_session, ti
     ghost = store.read_epochs().head(1).assign(trial_id="ghost", val_accuracy=0.99)
     store.write_table(pa.Table.from_pandas(ghost, schema=EPOCH_SCHEMA, preserve_index=False),
                       "epochs/part-ghost.parquet")
+    # SIGTERM (Slurm's time limit, `docker stop`) at the retraining's first epoch ends it as
+    # Ctrl+C does: exit 130, "interrupted", and its final/ let go (the next one takes it below)
+    out, before = SigtermAtFirstEpoch(), signal.getsignal(signal.SIGTERM)
+    assert results_main(["final", str(tmp_path / "hb"), "--trial", stopped["trial_id"],
+                         "--seeds", "1"], out=out) == 130, out.getvalue()
+    assert out.sent and "  epoch 1/3 " in out.getvalue() and "test accuracy" not in out.getvalue()
+    assert capsys.readouterr().err.endswith("interrupted\n")
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler before, back
+    assert not (tmp_path / "hb" / "final").exists()
     out = io.StringIO()
     assert results_main(["final", str(tmp_path / "hb"), "--trial", stopped["trial_id"],
                          "--seeds", "1"], out=out) == 0, out.getvalue()
@@ -855,20 +877,6 @@ def test_workers_get_this_checkout_and_the_drivers_pythonpath(tiny_data_dir, tin
     assert run.worker_env(shared, {})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
 
 
-def child_titles(pid: int) -> set[str]:
-    """What the children of process `pid` call themselves (Ray's set titles such as
-    `ray::IDLE`), read from /proc."""
-    titles = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    titles.add((entry / "cmdline").read_bytes().split(b"\0")[0].decode().strip())
-            except OSError:  # ended meanwhile
-                continue
-    return titles
-
-
 def sigterm_blocked(pid: int) -> bool:
     """Whether process `pid` has SIGTERM blocked (its SigBlk mask in /proc)."""
     for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
@@ -897,7 +905,8 @@ def test_the_embedded_ray_starts_no_idle_workers_and_stops_its_monitor_first_and
     # No workers started ahead: Tune's trial actors could not use them (EMBEDDED_RAY_CONFIG).
     # With Ray's default, two `ray::IDLE` workers are already there when ray.init returns.
     raylet = started[ray_constants.PROCESS_TYPE_RAYLET][0].pid
-    assert child_titles(raylet) == {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+    assert sorted(processes_under(raylet).values()) == ["ray::DashboardAgent",
+                                                   "ray::RuntimeEnvAgent"]
     below = {p.pid: kind for kind, procs in started.items() for p in procs}
     for pid in list(below):  # and what they started: the raylet's agents
         below.update(processes_under(pid))
