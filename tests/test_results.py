@@ -388,4 +388,3 @@ def test_analysis_and_training_code_never_import_ray():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, "ray was imported: " + out.stderr[-500:]
-
