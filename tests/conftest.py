@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -111,6 +112,21 @@ def alive(pid: int) -> bool:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.fixture
+def sigterm_not_ignored():
+    """SIGTERM handled here (a no-op) for the test where this process was started ignoring it.
+
+    A CI runner may start the suite with SIGTERM ignored (this project's does), and an ignored
+    signal stays ignored in every command started from here, which then rightly leaves it so
+    (`fmnist.cli.sigterm_as_ctrl_c`); a handled one is back at its default there, as in a job
+    that `kill`, Slurm or `docker stop` end."""
+    before = signal.getsignal(signal.SIGTERM)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    yield
+    signal.signal(signal.SIGTERM, before)
 
 
 def make_images(labels: np.ndarray, seed: int, marker: int | None = None) -> np.ndarray:

@@ -370,7 +370,7 @@ def test_a_trial_started_after_tunes_last_saved_state_is_recorded_abandoned(
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigterm-all"])
 def test_ctrl_c_or_sigterm_records_trials_as_interrupted_then_resume_finishes_them(
-        tiny_data_dir, tiny_space, tmp_path, how):
+        tiny_data_dir, tiny_space, tmp_path, how, sigterm_not_ignored):
     # Ctrl+C sends SIGINT to the whole foreground process group; `kill`, `docker stop` or
     # Kubernetes send SIGTERM to the driver. Tune saves its state and ends the search as it does
     # when the time budget runs out; the rows must say which it was. Slurm (scancel, a time

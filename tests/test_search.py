@@ -626,8 +626,8 @@ class SigtermAtFirstEpoch(io.StringIO):
         return written
 
 
-def test_final_retrains_a_stopped_trial_as_the_search_trained_it(ray_session, tiny_data_dir,
-                                                                  tiny_space, tmp_path, capsys):
+def test_final_retrains_a_stopped_trial_as_the_search_trained_it(
+        ray_session, tiny_data_dir, tiny_space, tmp_path, capsys, sigterm_not_ignored):
     # Hyperband with max_t 4 and factor 3 (the plan's "2x4 | 3x1 -> 1x3"): of configs 3-5, the
     # best after epoch 1 runs to epoch 3 and is stopped there, 1 short of its cosine schedule.
     from results.__main__ import main as results_main

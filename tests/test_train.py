@@ -331,8 +331,8 @@ def test_cli_trains_and_saves(tiny_data_dir, tmp_path):
     assert "\nparams 13,002," in out.stdout  # the same 16-unit mlp, not the default 256
 
 
-def test_sigterm_stops_training_as_ctrl_c_does_and_its_checkpoint_resumes(tiny_data_dir,
-                                                                          tmp_path):
+def test_sigterm_stops_training_as_ctrl_c_does_and_its_checkpoint_resumes(
+        tiny_data_dir, tmp_path, sigterm_not_ignored):
     # `kill`, `docker stop`, Slurm's time limit: before, SIGTERM ended the process at once,
     # without the --resume line or Keras' end of the epoch
     save = tmp_path / "m"
