@@ -602,21 +602,23 @@ def start_ray(args: argparse.Namespace) -> bool:
 
     if ray.is_initialized():
         return False
+    from search.sigterm import children_ignore_sigterm, kill_at_once, left_ignored
+
     common = dict(runtime_env={"env_vars": worker_env(args, os.environ)}, log_to_driver=False,
                   logging_level="WARNING", configure_logging=True)
     if args.address:
         check_reachable(args.address)
         try:
-            ray.init(address=args.address, **common)
+            with left_ignored():
+                ray.init(address=args.address, **common)
         except ConnectionError as exc:  # no cluster for "auto", a token refused, ...
             first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
             raise UsageError(f"--address {args.address}: {first.strip()}") from exc
     else:
-        from search.sigterm import children_ignore_sigterm, kill_at_once
-
         # Ray's processes leave SIGTERM to this one, as they leave it SIGINT: a SIGTERM sent
         # to the whole job (Slurm, systemd, `timeout`) ends the search as Ctrl+C does.
-        with children_ignore_sigterm() as ignored:
+        # (ignored again before the mask is lifted, so one that came meanwhile is dropped)
+        with children_ignore_sigterm() as ignored, left_ignored():
             # Dashboard off and everything on loopback: nothing listens beyond this machine.
             ray.init(include_dashboard=False, dashboard_host="127.0.0.1",
                      _node_ip_address="127.0.0.1", _system_config=EMBEDDED_RAY_CONFIG,

@@ -24,6 +24,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -46,6 +47,22 @@ def children_ignore_sigterm() -> Iterator[bool]:
         yield True
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+@contextlib.contextmanager
+def left_ignored() -> Iterator[None]:
+    """A SIGTERM this process was started ignoring is ignored again after the block.
+
+    `ray.init` puts its own SIGTERM handler (an exit) over whatever was there, an inherited
+    SIG_IGN included: a search started by a runner that ignores SIGTERM (as CI runners can)
+    would then stop on it, where `fmnist-train` and `results final` leave it ignored.
+    """
+    ignored = signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    try:
+        yield
+    finally:
+        if ignored and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _stat(pid: int) -> tuple[int, int, bool] | None:

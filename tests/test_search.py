@@ -897,7 +897,14 @@ def test_the_embedded_ray_starts_no_idle_workers_and_stops_its_monitor_first_and
     from ray._private import ray_constants
 
     args = run.build_parser().parse_args(search_args(tiny_data_dir, tiny_space, tmp_path, "x"))
-    assert run.start_ray(args)
+    # started ignoring SIGTERM (as CI runners can start it), the driver ignores it after
+    # ray.init too, which sets its own handler (an exit) over it; fmnist-train leaves it so
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert run.start_ray(args)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
     started = {kind: [info.process for info in infos]
                for kind, infos in ray._private.worker._global_node.all_processes.items()}
     monitor = started[ray_constants.PROCESS_TYPE_MONITOR][0]
