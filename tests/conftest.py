@@ -122,11 +122,14 @@ def sigterm_not_ignored():
     signal stays ignored in every command started from here, which then rightly leaves it so
     (`fmnist.cli.sigterm_as_ctrl_c`); a handled one is back at its default there, as in a job
     that `kill`, Slurm or `docker stop` end."""
-    before = signal.getsignal(signal.SIGTERM)
-    if before is signal.SIG_IGN:
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    yield
-    signal.signal(signal.SIGTERM, before)
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_images(labels: np.ndarray, seed: int, marker: int | None = None) -> np.ndarray:
