@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {os_reason(exc)}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl+C (or a final's SIGTERM): what it wrote stays (final: its
-        # claim rule)
+    except KeyboardInterrupt:  # Ctrl+C or a final's SIGTERM: what it wrote stays (final.claimed)
         print("interrupted", file=sys.stderr)
         return 130
 
