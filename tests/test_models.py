@@ -66,6 +66,49 @@ def test_normalization_keeps_one_channel():
     assert abs(float(out.mean())) < 0.02  # the train mean maps to ~0
 
 
+def _first_mask(layer, shape):
+    return np.asarray(layer(np.ones(shape, "float32"), training=True)) != 0
+
+
+def test_dropout_layers_draw_their_own_masks():
+    # Keras layers given one seed draw the same numbers: these dropped the same units.
+    cfg = TrainConfig(model="mlp", hidden_layers=3, units=64, dropout=0.5, seed=3)
+    layers = [build_model(cfg).get_layer(f"hidden{i}_dropout") for i in range(3)]
+    masks = [_first_mask(layer, (8, 64)) for layer in layers]
+    assert all(0.3 < m.mean() < 0.7 for m in masks)
+    assert not np.array_equal(masks[0], masks[1])
+    assert not np.array_equal(masks[1], masks[2])
+    # Masks of other shapes do not share their leading draws either (cnn's block dropouts).
+    cnn = build_model(TrainConfig(model="cnn", blocks=2, dropout=0.5, dense_units=16))
+    a = _first_mask(cnn.get_layer("block0_dropout"), (512,)).ravel()
+    b = _first_mask(cnn.get_layer("block1_dropout"), (1024,)).ravel()
+    assert (a == b[:512]).mean() < 0.9  # independent: about 0.6 agree at rate 0.25
+    # Still one run per seed: the same config draws the same mask, another seed another.
+    again = build_model(cfg).get_layer("hidden0_dropout")
+    assert np.array_equal(_first_mask(again, (8, 64)), masks[0])
+    other = build_model(TrainConfig(model="mlp", hidden_layers=3, units=64, dropout=0.5, seed=4))
+    assert not np.array_equal(_first_mask(other.get_layer("hidden0_dropout"), (8, 64)), masks[0])
+
+
+def test_flip_and_shift_are_drawn_independently():
+    # With one seed for both, every flipped image was shifted up and every other one down.
+    cfg = TrainConfig(model="cnn", augment_flip=True, augment_translate=0.2, seed=0)
+    model = build_model(cfg)
+    n = 200
+    left = np.zeros((n, 28, 28, 1), "float32")
+    left[:, 10:18, 4:8] = 1.0  # a blob left of centre: flipped, it is right of centre
+    flipped = np.asarray(model.get_layer("aug_flip")(left, training=True))
+    flipped = flipped[:, 12, 20:24, 0].sum(1) > 0
+    square = np.zeros((n, 28, 28, 1), "float32")
+    square[:, 12:16, 12:16] = 1.0
+    shifted = np.asarray(model.get_layer("aug_shift")(square, training=True))[..., 0]
+    rows = np.array([np.nonzero(img.sum(1) > 0.5)[0].mean() for img in shifted])
+    up = rows < 13.5  # the square's rows start at 12-15 without a shift
+    assert 0.3 < flipped.mean() < 0.7
+    for group in (up[flipped], up[~flipped]):
+        assert 0.25 < group.mean() < 0.75
+
+
 def test_unknown_config_key_raises():
     with pytest.raises(ConfigError, match="unknown config key.*filterz"):
         TrainConfig.from_dict({"model": "cnn", "filterz": 3})
