@@ -227,7 +227,8 @@ def test_precision_sets_the_layers_and_survives_a_restore(tiny, tmp_path, precis
     assert run.model.get_layer("classes").compute_dtype == "float32"
     seen = [run.fit_epoch(), run.fit_epoch()]
     assert [m["precision"] for m in seen] == [precision] * 2
-    assert seen[-1]["val_accuracy"] > 0.5  # learns in either precision
+    # Learns in either precision: chance is 0.1; two epochs gave 0.5-0.92 over seeds 0-5 here.
+    assert seen[-1]["val_accuracy"] > 0.3
     probs = np.asarray(run.model.predict(tiny.x_val[:8], verbose=0))
     assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
     run.save(tmp_path / "ckpt")
