@@ -39,6 +39,10 @@ def _seed(cfg: Any, layer: str) -> int:
     return (cfg.seed + zlib.crc32(layer.encode())) % 2**32
 
 
+def _dropout(cfg: Any, rate: float, name: str) -> layers.Dropout:
+    return layers.Dropout(rate, seed=_seed(cfg, name), name=name)
+
+
 def _l2(cfg: Any) -> keras.regularizers.Regularizer | None:
     # AdamW decays weights in the optimizer (decoupled); adding L2 as well would count it twice.
     if cfg.weight_decay > 0 and cfg.optimizer != "adamw":
@@ -99,8 +103,7 @@ def _head(x, cfg: Any, inputs, name: str) -> keras.Model:
         x = layers.Dense(cfg.dense_units, kernel_regularizer=_l2(cfg), name="dense")(x)
         x = layers.Activation("relu", name="dense_relu")(x)
         if cfg.dropout > 0:
-            seed = _seed(cfg, "dense_dropout")
-            x = layers.Dropout(cfg.dropout, seed=seed, name="dense_dropout")(x)
+            x = _dropout(cfg, cfg.dropout, "dense_dropout")(x)
     outputs = _classes(x, cfg)
     return keras.Model(inputs, outputs, name=name)
 
@@ -123,8 +126,7 @@ def build_mlp(cfg: Any) -> keras.Model:
             x = _batch_norm(name=f"hidden{i}_bn")(x)
         x = layers.Activation("relu", name=f"hidden{i}_relu")(x)
         if cfg.dropout > 0:
-            name = f"hidden{i}_dropout"
-            x = layers.Dropout(cfg.dropout, seed=_seed(cfg, name), name=name)(x)
+            x = _dropout(cfg, cfg.dropout, f"hidden{i}_dropout")(x)
     outputs = _classes(x, cfg)
     return keras.Model(inputs, outputs, name="mlp")
 
@@ -136,8 +138,7 @@ def build_cnn(cfg: Any) -> keras.Model:
         x = _conv_bn_relu(x, _filters(cfg, b), cfg.kernel_size, cfg, f"block{b}")
         x = layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
         if cfg.dropout > 0:
-            name = f"block{b}_dropout"
-            x = layers.Dropout(cfg.dropout / 2, seed=_seed(cfg, name), name=name)(x)
+            x = _dropout(cfg, cfg.dropout / 2, f"block{b}_dropout")(x)
     x = layers.Flatten(name="flatten")(x)
     return _head(x, cfg, inputs, "cnn")
 
@@ -190,7 +191,7 @@ def build_resnet(cfg: Any) -> keras.Model:
             ))
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     if cfg.dropout > 0:
-        x = layers.Dropout(cfg.dropout, seed=_seed(cfg, "gap_dropout"), name="gap_dropout")(x)
+        x = _dropout(cfg, cfg.dropout, "gap_dropout")(x)
     outputs = _classes(x, cfg)
     return keras.Model(inputs, outputs, name="resnet")
 

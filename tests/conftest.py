@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fmnist.data import FILES, write_idx  # noqa: E402
+from search.sigterm import left_ignored  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,14 +123,10 @@ def sigterm_not_ignored():
     signal stays ignored in every command started from here, which then rightly leaves it so
     (`fmnist.cli.sigterm_as_ctrl_c`); a handled one is back at its default there, as in a job
     that `kill`, Slurm or `docker stop` end."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+    with left_ignored():  # SIG_IGN back after the test, where it was
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)
         yield
-        return
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_images(labels: np.ndarray, seed: int, marker: int | None = None) -> np.ndarray:
